@@ -1,0 +1,87 @@
+"""What the serve loop needs from a transport: receive into a buffer, send a
+list of buffers, shut down. Plain sockets send with scatter-gather
+`sendmsg` (headers and payloads in one system call, no joining copies); TLS
+sockets, which have no `sendmsg`, send part by part."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+IOV_MAX = 1024  # Linux's limit on buffers per sendmsg
+
+
+class Connection(Protocol):
+    def recv_into(self, buf: memoryview) -> int: ...
+    def send_parts(self, parts: Sequence[Any]) -> None: ...
+    def shutdown(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class SocketConnection:
+    """A connected stream socket (Unix, TCP, or the kernel's socketpair)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.recv_into = sock.recv_into  # type: ignore[method-assign]
+
+    def recv_into(self, buf: memoryview) -> int:  # replaced per instance by the bound method
+        return self.sock.recv_into(buf)
+
+    def send_parts(self, parts: Sequence[Any]) -> None:
+        sendmsg = self.sock.sendmsg
+        pending = [memoryview(p).cast("B") for p in parts]
+        while pending:
+            batch = pending[:IOV_MAX]
+            sent = sendmsg(batch)
+            # Drop what went out; a partial send leaves a tail of one buffer.
+            i = 0
+            while i < len(batch) and sent >= batch[i].nbytes:
+                sent -= batch[i].nbytes
+                i += 1
+            del pending[:i]
+            if sent:
+                pending[0] = pending[0][sent:]
+
+    def shutdown(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class StreamConnection(SocketConnection):
+    """A TLS socket: no sendmsg, so small parts are joined and sent in order."""
+
+    def __init__(self, sock: ssl.SSLSocket) -> None:
+        super().__init__(sock)
+
+    def send_parts(self, parts: Sequence[Any]) -> None:
+        small: list[Any] = []
+        for part in parts:
+            if len(part) < 64 * 1024:
+                small.append(part)
+                continue
+            if small:
+                self.sock.sendall(b"".join(small))
+                small.clear()
+            self.sock.sendall(part)
+        if small:
+            self.sock.sendall(b"".join(small))
+
+    def shutdown(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except (OSError, ValueError):
+            pass
+
+
+def connection_for(sock: socket.socket) -> Connection:
+    if isinstance(sock, ssl.SSLSocket):
+        return StreamConnection(sock)
+    return SocketConnection(sock)
