@@ -34,6 +34,7 @@ from .errors import (
     ProtocolError,
 )
 from .transports.kernel import Mount, run
+from .units import parse_size
 
 __version__ = "0.1.0"
 
@@ -63,5 +64,6 @@ __all__ = [
     "on_trim",
     "on_unmount",
     "on_write",
+    "parse_size",
     "run",
 ]

@@ -197,7 +197,7 @@ def _collect(cls: type) -> dict[Operation, str]:
                 continue
             if op in found:
                 raise DefinitionError(
-                    f"{klass.__qualname__}: two handlers for {op.decorator}: "
+                    f"{klass.__name__}: two handlers for {op.decorator}: "
                     f"{found[op]!r} and {attr!r}; expected at most one"
                 )
             found[op] = attr
@@ -212,7 +212,7 @@ def _check_signature(cls: type, op: Operation, attr: str) -> None:
     func = inspect.getattr_static(cls, attr)
     if not callable(func):
         raise DefinitionError(
-            f"{cls.__qualname__}.{attr}: the {op.decorator} handler must be a method, got {func!r}"
+            f"{cls.__name__}.{attr}: the {op.decorator} handler must be a method, got {func!r}"
         )
     try:
         sig = inspect.signature(func)
@@ -222,9 +222,9 @@ def _check_signature(cls: type, op: Operation, attr: str) -> None:
         sig.bind(None, *range(len(op.arguments)))
     except TypeError:
         expected = ", ".join(("self", *op.arguments))
+        given = ", ".join(str(p.replace(annotation=inspect.Parameter.empty)) for p in sig.parameters.values())
         raise DefinitionError(
-            f"{cls.__qualname__}.{attr}: the {op.decorator} handler must accept ({expected}); "
-            f"got {attr}{sig}"
+            f"{cls.__name__}.{attr}: the {op.decorator} handler must accept ({expected}); got {attr}({given})"
         ) from None
 
 
