@@ -34,6 +34,7 @@ from .errors import (
     ProtocolError,
 )
 from .transports.kernel import Mount, run
+from .transports.network import TLS, Server, serve, serve_stdio
 from .units import parse_size
 
 __version__ = "0.1.0"
@@ -55,6 +56,8 @@ __all__ = [
     "NbdDriverMissingError",
     "NotAnNbdDeviceError",
     "Operation",
+    "Server",
+    "TLS",
     "ProtocolError",
     "bind",
     "device",
@@ -66,4 +69,6 @@ __all__ = [
     "on_write",
     "parse_size",
     "run",
+    "serve",
+    "serve_stdio",
 ]

@@ -14,14 +14,12 @@ import errno
 import fcntl
 import logging
 import os
-import signal
 import socket
 import stat
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import attrs
@@ -51,6 +49,7 @@ from ..protocol.constants import (
 )
 from ..serve_loop import ServeLoop
 from .connection import SocketConnection
+from .signals import stop_on_signals
 
 log = logging.getLogger("blockfs.kernel")
 
@@ -241,7 +240,7 @@ class _Attachment:
     def run(self) -> None:
         loops: list[threading.Thread] = []
         do_it = threading.Thread(target=self._do_it, name=f"blockfs-{self.paths.name}-do-it", daemon=True)
-        restore = self._install_signal_handlers()
+        restore = stop_on_signals(self.mount.unmount, self.paths.dev)
         try:
             self.configure()
             do_it.start()
@@ -330,21 +329,3 @@ class _Attachment:
         self.invoker.close()
         if self.started:
             self.invoker.unmount()
-
-    def _install_signal_handlers(self) -> Callable[[], None]:
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-
-        def handler(signum: int, frame: FrameType | None) -> None:
-            log.info("%s: %s: unmounting", self.paths.dev, signal.Signals(signum).name)
-            # Not in this (main) thread: the ioctl may wait for the kernel's
-            # sender, which waits for our serve loop to read.
-            threading.Thread(target=self.mount.unmount, daemon=True).start()
-
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-
-        def restore() -> None:
-            for s, h in previous.items():
-                signal.signal(s, h)
-
-        return restore
