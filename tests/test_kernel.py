@@ -59,3 +59,7 @@ def test_sigterm_under_load_loses_nothing_acknowledged() -> None:
 
 def test_xor_mirror_survives_losing_a_file() -> None:
     run_scenario("xor_mirror")
+
+
+def test_multi_queue_and_thread_pool_under_fio_verify() -> None:
+    run_scenario("multi_queue")

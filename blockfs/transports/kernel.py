@@ -280,8 +280,9 @@ class _Attachment:
     def _serve(self, sock: socket.socket, index: int) -> None:
         label = f"{self.paths.dev}[{index}]"
         try:
-            why = ServeLoop(SocketConnection(sock), self.invoker, label=label).run()
-            log.info("%s: serve loop ended (%s)", label, why)
+            loop = ServeLoop(SocketConnection(sock), self.invoker, label=label)
+            why = loop.run()
+            log.info("%s: serve loop ended (%s) after %d requests", label, why, loop.requests)
         except BaseException as exc:  # never lose an error in a thread
             log.exception("%s: serve loop failed", label)
             self.errors.append(exc)
