@@ -12,6 +12,7 @@ own buffers: it stays valid until the next `receive_buffer()` or `feed()`.
 from __future__ import annotations
 
 import enum
+import mmap
 import struct
 from typing import NamedTuple
 
@@ -75,9 +76,10 @@ class RequestReader:
         self._start = 0  # first unparsed byte
         self._end = 0  # end of received data
         self._eof = False
-        # A write payload too big for the ring goes straight into its own buffer.
-        self._big = bytearray()
-        self._big_view = memoryview(self._big)
+        # A write payload too big for the ring goes straight into its own
+        # buffer: anonymous mmap, so pages are committed only as bytes arrive
+        # (a client announcing 32 MiB and sending 1 byte pins 1 page, not 32 MiB).
+        self._big_view = memoryview(b"")
         self._big_header: Request | None = None
         self._big_filled = 0
         # An oversized write's payload is read and dropped, `_discard` bytes to go.
@@ -195,10 +197,8 @@ class RequestReader:
         if REQUEST_HEADER_SIZE + length <= len(self._buf):
             return self._closed_or_need()  # fits once compacted
         # Too big for the ring: give it a buffer of its own (kept for reuse).
-        if len(self._big) < length:
-            self._big_view.release()
-            self._big = bytearray(length)
-            self._big_view = memoryview(self._big)
+        if len(self._big_view) < length:
+            self._big_view = memoryview(mmap.mmap(-1, length))
         have = self._end - body
         self._big_view[:have] = self._view[body : self._end]
         self._start = self._end = 0

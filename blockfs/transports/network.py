@@ -16,6 +16,7 @@ import socket
 import ssl
 import stat
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ from .signals import stop_on_signals
 log = logging.getLogger("blockfs.server")
 
 __all__ = ["TLS", "Server", "serve", "serve_stdio", "parse_address"]
+
+CLOSE_GRACE = 2.0  # seconds clients get to take their last replies when the server stops
 
 
 @attrs.frozen
@@ -219,8 +222,18 @@ class Server:
                 sock.shutdown(socket.SHUT_RD)  # the loop sees EOF, answers what it has, ends
             except OSError:
                 pass
+        grace = time.monotonic() + CLOSE_GRACE
+        for sock, thread in clients:
+            thread.join(timeout=max(0.0, grace - time.monotonic()))
+            if thread.is_alive():
+                # Stuck sending to a client that does not read: cut it off.
+                log.warning("closing a client that did not take its replies within %s s", CLOSE_GRACE)
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
         for _, thread in clients:
-            thread.join(timeout=30)
+            thread.join(timeout=10)
         for entry in self.exports.values():
             entry.invoker.close()
             entry.invoker.unmount()
@@ -237,10 +250,15 @@ class Server:
         while not self._closing.is_set():
             try:
                 sock, peer = self._listener.accept()
-            except OSError:
+            except OSError as exc:
                 if self._closing.is_set():
                     return
-                log.exception("accept failed")
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # The connection stays queued; retrying at once would spin.
+                    log.warning("accept: %s; retrying in 0.1 s", exc.strerror)
+                    self._closing.wait(0.1)
+                else:
+                    log.warning("accept failed: %s", exc)
                 continue
             with self._lock:
                 if len(self._clients) >= self.max_clients:
@@ -255,17 +273,25 @@ class Server:
 
     def _client(self, sock: socket.socket, label: str) -> None:
         key = sock.fileno()
+
+        def track(wrapped: socket.socket) -> None:
+            # After STARTTLS the TLS socket owns the descriptor: close() must reach it.
+            with self._lock:
+                if key in self._clients:
+                    self._clients[key] = (wrapped, self._clients[key][1])
+
         try:
-            serve_connection(sock, self, label)
+            sock = serve_connection(sock, self, label, on_tls=track)
         except Exception:
             log.exception("%s: unexpected error", label)
         finally:
             with self._lock:
-                self._clients.pop(key, None)
-            try:
-                sock.close()
-            except OSError:
-                pass
+                entry = self._clients.pop(key, None)
+            for s in {id(sock): sock, **({id(entry[0]): entry[0]} if entry else {})}.values():
+                try:
+                    s.close()
+                except OSError:
+                    pass
 
     def handshake(self) -> ServerHandshake:
         return ServerHandshake(
@@ -275,8 +301,14 @@ class Server:
         )
 
 
-def serve_connection(sock: socket.socket, server: Server, label: str) -> None:
-    """Handshake, then the serve loop, on one accepted socket."""
+def serve_connection(
+    sock: socket.socket, server: Server, label: str, on_tls: Callable[[socket.socket], None] | None = None
+) -> socket.socket:
+    """Handshake, then the serve loop, on one accepted socket. Returns the
+    socket in use at the end (a TLS socket after STARTTLS), for the caller to close."""
+    # One deadline for the whole handshake: a client trickling a byte at a
+    # time must not hold a thread forever.
+    deadline = time.monotonic() + server.handshake_timeout
     sock.settimeout(server.handshake_timeout)
     hs = server.handshake()
     try:
@@ -287,15 +319,21 @@ def serve_connection(sock: socket.socket, server: Server, label: str) -> None:
             if out:
                 sock.sendall(out)
             if event is NEED_DATA:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                sock.settimeout(left)
                 hs.receive_data(sock.recv(65536))
             elif isinstance(event, StartTLS):
                 assert server._ssl is not None
                 sock = server._ssl.wrap_socket(sock, server_side=True)
+                if on_tls is not None:
+                    on_tls(sock)
                 hs.tls_started()
                 log.debug("%s: TLS %s", label, sock.version())  # type: ignore[attr-defined]
             elif isinstance(event, Aborted):
                 log.debug("%s: client ended the handshake", label)
-                return
+                return sock
             else:
                 assert isinstance(event, Negotiated)
                 break
@@ -307,16 +345,16 @@ def serve_connection(sock: socket.socket, server: Server, label: str) -> None:
         except OSError:
             pass
         log.warning("%s: handshake failed: %s", label, exc)
-        return
+        return sock
     except (TimeoutError, socket.timeout):
         log.warning("%s: no handshake within %s s; dropped", label, server.handshake_timeout)
-        return
+        return sock
     except ssl.SSLError as exc:
         log.warning("%s: TLS failed: %s", label, exc)
-        return
+        return sock
     except OSError as exc:
         log.info("%s: connection lost during the handshake: %s", label, exc)
-        return
+        return sock
     sock.settimeout(None)
     entry = server.exports[event.export.name]
     log.info("%s: export %r, structured replies %s", label, event.export.name, event.structured_replies)
@@ -327,9 +365,11 @@ def serve_connection(sock: socket.socket, server: Server, label: str) -> None:
     log.info("%s: ended (%s)", label, why)
     if isinstance(sock, ssl.SSLSocket):
         try:
+            sock.settimeout(2.0)  # a vanished client never answers close_notify
             sock.unwrap()  # the spec asks for a TLS shutdown before closing
         except (OSError, ValueError):
             pass
+    return sock
 
 
 def serve(
@@ -382,7 +422,7 @@ def serve_stdio(
     server = Server({export_name: device}, Address(unix=None), read_only=read_only, description=description)
     restore = stop_on_signals(lambda: _shutdown(sock), "stdio server")
     try:
-        serve_connection(sock, server, "stdio")
+        sock = serve_connection(sock, server, "stdio")
     finally:
         sock.close()
         server._closed = True
