@@ -89,7 +89,7 @@ def scenario_fio_verify() -> None:
     out = sh(
         "fio", "--name=verify", f"--filename={DEV}", "--rw=randwrite", "--bs=4k", "--direct=1",
         "--ioengine=libaio", "--iodepth=16", "--size=100%", "--verify=crc32c", "--verify_fatal=1",
-        "--do_verify=1", "--output-format=json",
+        "--do_verify=1", "--verify_state_save=0", "--output-format=json",
     )
     result = json.loads(out[out.index("{"):])
     job = result["jobs"][0]
@@ -396,7 +396,7 @@ def fio_verify(dev: str, *, jobs: int = 1, depth: int = 16, size: str = "100%") 
         "--ioengine=libaio", f"--iodepth={depth}", f"--numjobs={jobs}", f"--size={size}",
         f"--offset_increment={size}",  # each job verifies its own region
         "--verify=crc32c",
-        "--verify_fatal=1", "--do_verify=1", "--group_reporting", "--output-format=json",
+        "--verify_fatal=1", "--do_verify=1", "--verify_state_save=0", "--group_reporting", "--output-format=json",
     )
     job = json.loads(out[out.index("{"):])["jobs"][0]
     check(job["error"] == 0, f"fio verify: no errors ({jobs} jobs, depth {depth})")
