@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
+import mmap
 import logging
 import threading
 from collections.abc import Callable
@@ -55,13 +56,19 @@ _READ, _WRITE, _DISC, _FLUSH, _TRIM, _WRITE_ZEROES = (
     Command.WRITE_ZEROES,
 )
 ARENA_SIZE = 4 * 1024 * 1024  # read payloads gathered before one sendmsg
+# Concurrent devices: what one connection may have in flight before the loop
+# stops reading (and the socket pushes back on the client).
+MAX_INFLIGHT_REQUESTS = 256
+MAX_INFLIGHT_BYTES = 32 * 1024 * 1024  # one largest request always fits
 
 
 class _Arena:
     """Read buffers carved from one preallocated block, reused after each send."""
 
     def __init__(self, size: int) -> None:
-        self.view = memoryview(bytearray(size))
+        # mmap: pages are committed only when a read fills them, so idle
+        # connections cost next to nothing.
+        self.view = memoryview(mmap.mmap(-1, size))
         self.used = 0
         self.big = memoryview(bytearray(0))
 
@@ -99,9 +106,11 @@ class ServeLoop:
         if initial:
             self.reader.feed(initial)
         self._send_lock = threading.Lock()
-        self._inflight: set[concurrent.futures.Future[Any]] = set()
+        self._inflight: dict[concurrent.futures.Future[Any], int] = {}  # future -> bytes it holds
         self._inflight_writes: set[concurrent.futures.Future[Any]] = set()
         self._inflight_lock = threading.Lock()
+        self._room = threading.Condition(self._inflight_lock)  # signalled as requests complete
+        self._inflight_bytes = 0
         self._broken = False
         self.requests = 0
         device = self.device
@@ -268,30 +277,39 @@ class ServeLoop:
             if failure is not None:
                 self._send(self._error_parts(req, failure))
                 continue
-            if req.payload is not None:
-                # The reader reuses its buffer: the worker gets its own copy.
-                req = req._replace(payload=memoryview(bytearray(req.payload)))
             self._dispatch(req)
 
     def _dispatch(self, req: Request) -> None:
         inv = self.invoker
-        with self._inflight_lock:
+        cost = req.length if req.command in (_READ, _WRITE) else 0
+        with self._room:
+            # Backpressure: wait for room (one request always fits).
+            while self._inflight and (
+                len(self._inflight) >= MAX_INFLIGHT_REQUESTS or self._inflight_bytes + cost > MAX_INFLIGHT_BYTES
+            ):
+                self._room.wait()
+            self._inflight_bytes += cost
             # A flush waits for every write received before it.
             earlier_writes = list(self._inflight_writes) if req.command == _FLUSH else []
+        if req.payload is not None:
+            # The reader reuses its buffer: the worker gets its own copy.
+            req = req._replace(payload=memoryview(bytearray(req.payload)))
         if inv.is_async:
             future = inv.submit_async(lambda: self._execute_async(req, earlier_writes))
         else:
             future = inv.submit(self._execute_in_worker, req, earlier_writes)
-        with self._inflight_lock:
-            self._inflight.add(future)
+        with self._room:
+            self._inflight[future] = cost
             if req.command in (_WRITE, _WRITE_ZEROES, _TRIM):
                 self._inflight_writes.add(future)
         future.add_done_callback(self._forget)
 
     def _forget(self, future: concurrent.futures.Future[Any]) -> None:
-        with self._inflight_lock:
-            self._inflight.discard(future)
+        with self._room:
+            # Recorded before the callback was added, so always present.
+            self._inflight_bytes -= self._inflight.pop(future)
             self._inflight_writes.discard(future)
+            self._room.notify_all()
         exc = future.exception()
         if exc is not None:
             log.error("%s: request failed outside its handler", self.label, exc_info=exc)
