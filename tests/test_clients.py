@@ -23,6 +23,8 @@ import shutil
 import subprocess
 import tempfile
 import textwrap
+import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -485,23 +487,32 @@ def test_nbdinfo_json_read_only_server(sock_dir: Path) -> None:
 
 # =========================================================================== nbdcopy
 @needs("nbdcopy")
-def test_nbdcopy_round_trip(sock_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("device", ["ramdisk", "sparse_file"])
+def test_nbdcopy_round_trip(sock_dir: Path, tmp_path: Path, device: str) -> None:
+    """ramdisk: multi_conn, handlers one at a time; sparse_file: concurrency=4
+    (the concurrent serve path), flush, one connection."""
     first = random_image(tmp_path / "first.img", 64 * MiB)
     src = random_image(tmp_path / "src.img", 64 * MiB, zeroes=True)
     back = tmp_path / "back.img"
     sock = sock_dir / "s"
-    with serving([RAMDISK, "--socket", sock], verbose=1) as srv:
-        run(["nbdcopy", first, srv.uri], timeout=60)
+    image = tmp_path / "backing.img"
+    args = [RAMDISK] if device == "ramdisk" else [SPARSE, "--arg", f"path={image}", "--arg", "size=64M"]
+    flush = [] if device == "ramdisk" else ["--flush"]
+    with serving([*args, "--socket", sock], verbose=1) as srv:
+        run(["nbdcopy", *flush, first, srv.uri], timeout=60)
         run(["nbdcopy", srv.uri, back], timeout=60)
         assert sha256(back) == sha256(first)
         # Holes in src become zero requests; they must zero the earlier data.
-        run(["nbdcopy", src, srv.uri], timeout=60)
+        run(["nbdcopy", *flush, src, srv.uri], timeout=60)
         back.unlink()
         run(["nbdcopy", srv.uri, back], timeout=60)
     assert sha256(back) == sha256(src)
-    # The ramdisk advertises multi_conn, so nbdcopy opens several connections.
     connections = srv.final_log().count("export ''")
-    assert connections >= 4, f"nbdcopy used {connections} connections"
+    if device == "ramdisk":  # it advertises multi_conn, so nbdcopy opens several connections
+        assert connections >= 8, f"nbdcopy used {connections} connections for 4 copies"
+    else:
+        assert connections == 4, f"{connections} connections for 4 copies without multi_conn"
+        assert sha256(image) == sha256(src), "the backing file holds the copy"
 
 
 # =========================================================================== nbdsh
@@ -786,6 +797,82 @@ def test_tls_on_offers_tls_and_allows_plain(sock_dir: Path, certs: TlsCerts) -> 
         secure = run(["nbdinfo", unix_uri(sock, scheme="nbds+unix", **{"tls-certificates": str(certs.dir)})],
                      timeout=30).stdout
         assert "with TLS" in secure and "export-size: 67108864" in secure
+
+
+@blockfs.device(block_size=4096, blocks=256)
+class SlowFirstBlock:
+    """Reading block 0 takes 0.5 s (a request still in flight when the server
+    is told to stop); counts flushes."""
+
+    def __init__(self) -> None:
+        self.reading = threading.Event()
+        self.flushes = 0
+
+    @blockfs.on_read
+    def read(self, offset: int, buf: memoryview) -> None:
+        if offset == 0:
+            self.reading.set()
+            time.sleep(0.5)
+        buf[:] = b"\x07" * len(buf)
+
+    @blockfs.on_write
+    def write(self, offset: int, data: memoryview) -> None:
+        pass
+
+    @blockfs.on_flush
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+@needs_openssl
+@needs_nbdsh
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_server_close_answers_in_flight_request(sock_dir: Path, certs: TlsCerts, tls: bool) -> None:
+    """Server.close() (what SIGTERM does) while a libnbd client waits for a
+    read: the reply still arrives, intact, and the device is flushed at the
+    disconnect, over TLS as over a plain socket."""
+    sock = sock_dir / "s"
+    disk = SlowFirstBlock()
+    server = blockfs.Server(disk, str(sock), tls=blockfs.TLS(
+        cert=str(certs.server_cert), key=str(certs.server_key), ca=str(certs.ca_cert)) if tls else None)
+    uri = unix_uri(sock, scheme="nbds+unix", **{"tls-certificates": str(certs.dir)}) if tls else unix_uri(sock)
+    code = textwrap.dedent(f"""
+        import json
+        h.set_uri_allow_local_file(True)
+        h.connect_uri({uri!r})
+        buf = nbd.Buffer(65536)
+        cookie = h.aio_pread(buf, 0)
+        try:
+            while not h.aio_command_completed(cookie):
+                h.poll(-1)
+            result = buf.to_bytearray() == b"\\x07" * 65536
+        except nbd.Error as e:
+            result = str(e)
+        print("RESULT " + json.dumps({{"read": result}}))
+    """)
+    argv = ["nbdsh", "-c", code]
+    try:
+        server.start()
+        print(f"[in-process blockfs.Server] {' '.join(server.uris())}\n$ {shlex.join(argv)} &")
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env={**os.environ, **nbdsh_env()})
+        try:
+            assert disk.reading.wait(20), "the read never reached the handler"
+            t0 = time.monotonic()
+            server.close()
+            closed_in = time.monotonic() - t0
+            print(f"[server.close() returned after {closed_in:.2f} s]")
+            out, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    finally:
+        server.close()
+    print(out + "".join(f"[stderr] {line}\n" for line in err.splitlines()) + f"[exit status {proc.returncode}]")
+    assert json_lines(out) == {"read": True}, "the in-flight read was not answered intact"
+    assert disk.flushes == 1, f"the device was flushed {disk.flushes} times at the disconnect"
+    assert closed_in < 5
 
 
 @needs_openssl
