@@ -12,7 +12,7 @@ repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 
 packages=(
     user-mode-linux kmod e2fsprogs fio qemu-utils libnbd-bin nbd-client
-    nbdkit nbdkit-plugin-python python3-libnbd util-linux gcc
+    nbdkit nbdkit-plugin-python python3-libnbd util-linux gcc openssl
 )
 missing=()
 for package in "${packages[@]}"; do

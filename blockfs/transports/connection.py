@@ -46,10 +46,7 @@ class SocketConnection:
                 pending[0] = pending[0][sent:]
 
     def shutdown(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        shutdown_socket(self.sock)
 
     def close(self) -> None:
         self.sock.close()
@@ -74,11 +71,14 @@ class StreamConnection(SocketConnection):
         if small:
             self.sock.sendall(b"".join(small))
 
-    def shutdown(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except (OSError, ValueError):
-            pass
+
+def shutdown_socket(sock: socket.socket, how: int = socket.SHUT_RDWR) -> None:
+    """Shut down a socket's descriptor without tearing down TLS: ssl.SSLSocket.shutdown
+    drops the TLS session first, so replies still in flight would go out in plaintext."""
+    try:
+        socket.socket.shutdown(sock, how)
+    except (OSError, ValueError):
+        pass
 
 
 def connection_for(sock: socket.socket) -> Connection:

@@ -48,7 +48,7 @@ from ..protocol.constants import (
     TransmissionFlag,
 )
 from ..serve_loop import ServeLoop
-from .connection import SocketConnection
+from .connection import SocketConnection, shutdown_socket
 from .signals import stop_on_signals
 
 log = logging.getLogger("blockfs.kernel")
@@ -311,10 +311,7 @@ class _Attachment:
         for t in loops:
             t.join(timeout=30)
         for sock in self.ours:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            shutdown_socket(sock)
             sock.close()
         if do_it.is_alive():
             do_it.join(timeout=30)

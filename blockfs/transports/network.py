@@ -29,7 +29,7 @@ from ..errors import HandshakeError
 from ..protocol.constants import MAX_PAYLOAD
 from ..protocol.handshake import NEED_DATA, Aborted, Export, Negotiated, ServerHandshake, StartTLS
 from ..serve_loop import ServeLoop
-from .connection import Connection, connection_for
+from .connection import Connection, connection_for, shutdown_socket
 from .signals import stop_on_signals
 
 log = logging.getLogger("blockfs.server")
@@ -208,30 +208,21 @@ class Server:
 
     def _close(self) -> None:
         if self._listener is not None:
-            try:
-                self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
-            except OSError:
-                pass
+            shutdown_socket(self._listener)  # wakes accept()
             self._listener.close()
         if self._accept_thread is not None:
             self._accept_thread.join(timeout=10)
         with self._lock:
             clients = list(self._clients.values())
         for sock, _ in clients:
-            try:
-                sock.shutdown(socket.SHUT_RD)  # the loop sees EOF, answers what it has, ends
-            except OSError:
-                pass
+            shutdown_socket(sock, socket.SHUT_RD)  # the loop sees EOF, answers what it has, ends
         grace = time.monotonic() + CLOSE_GRACE
         for sock, thread in clients:
             thread.join(timeout=max(0.0, grace - time.monotonic()))
             if thread.is_alive():
                 # Stuck sending to a client that does not read: cut it off.
                 log.warning("closing a client that did not take its replies within %s s", CLOSE_GRACE)
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                shutdown_socket(sock)
         for _, thread in clients:
             thread.join(timeout=10)
         for entry in self.exports.values():
@@ -420,7 +411,7 @@ def serve_stdio(
     if sock.type != socket.SOCK_STREAM:
         raise ValueError("stdin: expected a stream socket (as libnbd's connect_command provides)")
     server = Server({export_name: device}, Address(unix=None), read_only=read_only, description=description)
-    restore = stop_on_signals(lambda: _shutdown(sock), "stdio server")
+    restore = stop_on_signals(lambda: shutdown_socket(sock, socket.SHUT_RD), "stdio server")
     try:
         sock = serve_connection(sock, server, "stdio")
     finally:
@@ -430,10 +421,3 @@ def serve_stdio(
             entry.invoker.close()
             entry.invoker.unmount()
         restore()
-
-
-def _shutdown(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RD)
-    except OSError:
-        pass
