@@ -18,6 +18,7 @@ from blockfs.protocol.constants import MAX_PAYLOAD, Command, CommandFlag
 from blockfs.protocol.transmission import encode_request
 from blockfs.serve_loop import ServeLoop
 from blockfs.testing.client import RawClient, recv_exactly
+from blockfs.testing.devices import MemoryDisk, RecordingDisk
 from blockfs.transports.connection import SocketConnection
 
 BS = 4096
@@ -27,33 +28,22 @@ BAD_BLOCK = 5
 
 
 @blockfs.device(block_size=BS, blocks=BLOCKS)
-class Disk:
+class Disk(RecordingDisk):
+    """Records what reached it; block BAD_BLOCK cannot be read."""
+
     def __init__(self) -> None:
-        self.data = bytearray(SIZE)
-        self.flushes = 0
-        self.trims: list[tuple[int, int]] = []
-        self.log: list[str] = []
+        super().__init__(SIZE, BS)
 
     @blockfs.on_read
     def read(self, offset: int, buf: memoryview) -> None:
         if offset // BS == BAD_BLOCK:
             raise OSError(errno.EIO, "bad block")
-        buf[:] = self.data[offset : offset + len(buf)]
+        super().read(offset, buf)
 
     @blockfs.on_write
     def write(self, offset: int, data: memoryview) -> None:
         assert data.readonly
-        self.log.append(f"write {offset}")
-        self.data[offset : offset + len(data)] = data
-
-    @blockfs.on_trim
-    def trim(self, offset: int, length: int) -> None:
-        self.trims.append((offset, length))
-
-    @blockfs.on_flush
-    def flush(self) -> None:
-        self.log.append("flush")
-        self.flushes += 1
+        super().write(offset, data)
 
 
 @blockfs.device(block_size=BS, blocks=BLOCKS)
@@ -169,7 +159,7 @@ def test_oversized_requests_get_eoverflow_without_desync(served: Served) -> None
 
 def test_large_write_and_read_at_the_limit(serve: type[Served]) -> None:
     """A payload bigger than the receive ring goes through its own buffer."""
-    s = serve(ByteDisk(MAX_PAYLOAD), structured=False)
+    s = serve(MemoryDisk(MAX_PAYLOAD), structured=False)
     c = s.client
     data = bytes(range(256)) * (MAX_PAYLOAD // 256)
     assert c.write(0, data).error == 0
@@ -292,23 +282,6 @@ def test_pipelined_requests_are_answered_by_handle(served: Served) -> None:
     assert sorted(replies) == sorted(handles)
     for i, h in enumerate(handles[50:], start=10):
         assert replies[h].data == b"%04d" % i
-
-
-@blockfs.device(block_size=4096)
-class ByteDisk:
-    """Size known only per instance: set self.blocks in __init__."""
-
-    def __init__(self, size: int) -> None:
-        self.blocks = size // 4096
-        self.data = bytearray(size)
-
-    @blockfs.on_read
-    def read(self, offset: int, buf: memoryview) -> None:
-        buf[:] = self.data[offset : offset + len(buf)]
-
-    @blockfs.on_write
-    def write(self, offset: int, data: memoryview) -> None:
-        self.data[offset : offset + len(data)] = data
 
 
 # --- concurrent devices: out-of-order replies, flush ordering ------------------------

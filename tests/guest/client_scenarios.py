@@ -8,13 +8,17 @@ fork+exec costs ~0.15 s in UML)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+from common import DEV, EXAMPLES, MNT, TMP, check
 
 from blockfs.testing.guest import (
     GuestFailure,
@@ -27,19 +31,8 @@ from blockfs.testing.guest import (
     write_tree,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = ROOT / "examples"
-DEV = "/dev/nbd0"
-TMP = Path(os.environ.get("TMPDIR", "/run/tmp"))
-MNT = TMP / "mnt"
 SOCK = TMP / "blockfs.sock"
 EXPORT = "disk"
-
-
-def check(cond: object, message: str) -> None:
-    if not cond:
-        raise GuestFailure(message)
-    print(f"ok: {message}", flush=True)
 
 
 def start_blockfs(image: Path, size: str, *where: str) -> tuple[subprocess.Popen[bytes], str]:
@@ -80,6 +73,21 @@ def stop_blockfs(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
     return proc.returncode, text
 
 
+@contextlib.contextmanager
+def cleanup_on_failure(proc: subprocess.Popen[bytes]) -> Iterator[None]:
+    """On any failure: detach the device, kill the server, show its log."""
+    try:
+        yield
+    except BaseException:
+        if is_live(DEV):
+            subprocess.run(["nbd-client", "-d", DEV], check=False)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        print(server_log(proc))
+        raise
+
+
 def nbd_client_connect() -> None:
     sh("nbd-client", "-unix", str(SOCK), DEV, "-N", EXPORT, "-b", "4096", "-t", "30")
     wait_live(DEV)
@@ -100,7 +108,7 @@ def scenario_nbd_client_ext4() -> None:
     ext4 round trip, fsck clean, reconnect and compare, disconnect, SIGTERM -> 0."""
     image = TMP / "disk.img"
     proc, _ = start_blockfs(image, "96M")
-    try:
+    with cleanup_on_failure(proc):
         nbd_client_connect()
         size = int(Path(f"/sys/block/{Path(DEV).name}/size").read_text()) * 512
         check(size == 96 << 20, f"the kernel sees the export's size ({size} bytes)")
@@ -134,14 +142,6 @@ def scenario_nbd_client_ext4() -> None:
         sh("umount", str(MNT))
         nbd_client_disconnect()
         check(proc.poll() is None, "blockfs serve still running after the second disconnect")
-    except BaseException:
-        if is_live(DEV):
-            subprocess.run(["nbd-client", "-d", DEV], check=False)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        print(server_log(proc))
-        raise
     status, log = stop_blockfs(proc)
     print(log)
     check(status == 0, f"blockfs serve exited 0 on SIGTERM (got {status})")
@@ -172,7 +172,7 @@ def scenario_nbd_client_tls_tcp(certs: str) -> None:
                   "-certfile", str(client_dir / "client-cert.pem"), "-keyfile", str(client_dir / "client-key.pem"),
                   "-cacertfile", str(client_dir / "ca-cert.pem"), "-tlshostname", "localhost", check=check_status)
 
-    try:
+    with cleanup_on_failure(proc):
         connect(pki / "wrong", check_status=False)
         check(not is_live(DEV), "nbd-client with a certificate from the wrong CA did not bring the device up")
         check(proc.poll() is None, "blockfs serve still running after refusing it")
@@ -197,14 +197,6 @@ def scenario_nbd_client_tls_tcp(certs: str) -> None:
         check(hashlib.sha256(back).digest() == hashlib.sha256(payload).digest(),
               "8 MiB written over TLS read back identical after reconnecting")
         nbd_client_disconnect()
-    except BaseException:
-        if is_live(DEV):
-            subprocess.run(["nbd-client", "-d", DEV], check=False)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        print(server_log(proc))
-        raise
     status, log = stop_blockfs(proc)
     print(log)
     check(status == 0, f"blockfs serve exited 0 on SIGTERM (got {status})")

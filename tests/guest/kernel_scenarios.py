@@ -19,7 +19,10 @@ import threading
 import time
 from pathlib import Path
 
+from common import DEV, EXAMPLES, MNT, TMP, check
+
 import blockfs
+from blockfs.testing.devices import MemoryDisk, RecordingDisk
 from blockfs.testing.guest import (
     GuestFailure,
     drop_caches,
@@ -29,22 +32,10 @@ from blockfs.testing.guest import (
     stop_server,
     tree_digest,
     wait_down,
-    wait_live,
     write_tree,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = ROOT / "examples"
-DEV = "/dev/nbd0"
-TMP = Path(os.environ.get("TMPDIR", "/run/tmp"))
-MNT = TMP / "mnt"
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(name)s %(levelname)s: %(message)s")
-
-
-def check(cond: object, message: str) -> None:
-    if not cond:
-        raise GuestFailure(message)
-    print(f"ok: {message}")
 
 
 def ext4_round_trip(dev: str, files: int = 40) -> None:
@@ -156,16 +147,17 @@ BAD = 100
 
 
 @blockfs.device(block_size=4096, blocks=1024)
-class BadBlockDisk:
+class BadBlockDisk(MemoryDisk):
     def __init__(self) -> None:
-        self.data = bytearray(random.Random(3).randbytes(4096 * 1024))
+        super().__init__(4096 * 1024)
+        self.data[:] = random.Random(3).randbytes(len(self.data))
 
     @blockfs.on_read
     def read(self, offset: int, buf: memoryview) -> None:
         first, last = offset // 4096, (offset + len(buf) - 1) // 4096
         if first <= BAD <= last:
             raise OSError(errno.EIO, "simulated media error")
-        buf[:] = self.data[offset : offset + len(buf)]
+        super().read(offset, buf)
 
 
 def scenario_bad_block() -> None:
@@ -201,33 +193,8 @@ def scenario_bad_block() -> None:
     check(not result, f"no desync after a failed read: {result or 'all good'}")
 
 
-@blockfs.device(block_size=4096, blocks=4096)
-class Recorder:
-    def __init__(self) -> None:
-        self.data = bytearray(4096 * 4096)
-        self.trims: list[tuple[int, int]] = []
-        self.flushes = 0
-        self.unmounted = 0
-
-    @blockfs.on_read
-    def read(self, offset: int, buf: memoryview) -> None:
-        buf[:] = self.data[offset : offset + len(buf)]
-
-    @blockfs.on_write
-    def write(self, offset: int, data: memoryview) -> None:
-        self.data[offset : offset + len(data)] = data
-
-    @blockfs.on_trim
-    def trim(self, offset: int, length: int) -> None:
-        self.trims.append((offset, length))
-
-    @blockfs.on_flush
-    def flush(self) -> None:
-        self.flushes += 1
-
-    @blockfs.on_unmount
-    def unmount(self) -> None:
-        self.unmounted += 1
+def Recorder() -> RecordingDisk:
+    return RecordingDisk(4096 * 4096)
 
 
 def scenario_trim_flush() -> None:
@@ -300,13 +267,12 @@ def scenario_errors() -> None:
     check(busy.is_set(), "a second run() on a live device is refused")
     code = (
         "import os, blockfs, sys\n"
-        "sys.path.insert(0, %r)\n"
-        "from kernel_scenarios import Recorder\n"
+        "from blockfs.testing.devices import RecordingDisk\n"
         "os.setgid(65534); os.setuid(65534)\n"
-        "try:\n    blockfs.run(Recorder(), %r)\n"
+        "try:\n    blockfs.run(RecordingDisk(1 << 20), %r)\n"
         "except blockfs.DevicePermissionError as e:\n    print('refused:', e); sys.exit(0)\n"
         "sys.exit(1)\n"
-    ) % (str(Path(__file__).parent), DEV)
+    ) % (DEV,)
     out = sh(sys.executable, "-c", code)
     check("needs root" in out, "an unprivileged user is told that root is needed")
 

@@ -1,0 +1,56 @@
+"""Reference devices for tests and benchmarks: a RAM disk of any size, and
+one that records what reached its handlers. Subclass them (and decorate the
+subclass) to inject failures or delays."""
+
+from __future__ import annotations
+
+import blockfs
+
+
+@blockfs.device(block_size=None)
+class MemoryDisk:
+    """A bytearray disk; geometry per instance."""
+
+    def __init__(self, size: int, block_size: int = 4096) -> None:
+        self.block_size = block_size
+        self.blocks = size // block_size
+        self.data = bytearray(size)
+
+    @blockfs.on_read
+    def read(self, offset: int, buf: memoryview) -> None:
+        buf[:] = self.data[offset : offset + len(buf)]
+
+    @blockfs.on_write
+    def write(self, offset: int, data: memoryview) -> None:
+        self.data[offset : offset + len(data)] = data
+
+
+@blockfs.device(block_size=None)
+class RecordingDisk(MemoryDisk):
+    """A MemoryDisk that counts trims, flushes and unmounts, and logs the
+    order of writes and flushes."""
+
+    def __init__(self, size: int, block_size: int = 4096) -> None:
+        super().__init__(size, block_size)
+        self.trims: list[tuple[int, int]] = []
+        self.flushes = 0
+        self.unmounted = 0
+        self.log: list[str] = []
+
+    @blockfs.on_write
+    def write(self, offset: int, data: memoryview) -> None:
+        self.log.append(f"write {offset}")
+        super().write(offset, data)
+
+    @blockfs.on_trim
+    def trim(self, offset: int, length: int) -> None:
+        self.trims.append((offset, length))
+
+    @blockfs.on_flush
+    def flush(self) -> None:
+        self.log.append("flush")
+        self.flushes += 1
+
+    @blockfs.on_unmount
+    def unmount(self) -> None:
+        self.unmounted += 1
