@@ -42,6 +42,7 @@ from blockfs.protocol.constants import (
 from blockfs.protocol.handshake import NEED_DATA, Negotiated, ServerHandshake, StartTLS
 from blockfs.protocol.transmission import Request, RequestReader, encode_request
 from blockfs.testing.client import RawClient, recv_exactly
+from blockfs.testing.devices import MemoryDisk, RecordingDisk
 from blockfs.testing.hostile import (
     DEFAULT_FLAGS,
     ExportInfo,
@@ -64,9 +65,11 @@ FOUR_GIB = 0xFFFFFFFF
 
 
 @blockfs.device(block_size=BS, blocks=BLOCKS)
-class Disk:
+class Disk(RecordingDisk):
+    """Block BAD_BLOCK fails with EIO, BUGGY_BLOCK with a handler bug."""
+
     def __init__(self) -> None:
-        self.data = bytearray(SIZE)
+        super().__init__(SIZE, BS)
 
     @blockfs.on_read
     def read(self, offset: int, buf: memoryview) -> None:
@@ -75,19 +78,7 @@ class Disk:
             raise OSError(errno.EIO, "bad block")
         if BUGGY_BLOCK in blocks:
             raise ValueError("a bug in the handler")
-        buf[:] = self.data[offset : offset + len(buf)]
-
-    @blockfs.on_write
-    def write(self, offset: int, data: memoryview) -> None:
-        self.data[offset : offset + len(data)] = data
-
-    @blockfs.on_trim
-    def trim(self, offset: int, length: int) -> None:
-        pass
-
-    @blockfs.on_flush
-    def flush(self) -> None:
-        pass
+        super().read(offset, buf)
 
 
 # --- measuring ------------------------------------------------------------------
@@ -721,20 +712,16 @@ SLOW_SIZE = 2 * MiB
 
 
 @blockfs.device(block_size=BS, blocks=SLOW_SIZE // BS, concurrency=2)
-class SlowThreadedDisk:
+class SlowThreadedDisk(MemoryDisk):
     """A concurrent device slower than the network: 10 ms per write."""
 
     def __init__(self) -> None:
-        self.data = bytearray(SLOW_SIZE)
-
-    @blockfs.on_read
-    def read(self, offset: int, buf: memoryview) -> None:
-        buf[:] = self.data[offset : offset + len(buf)]
+        super().__init__(SLOW_SIZE, BS)
 
     @blockfs.on_write
     def write(self, offset: int, data: memoryview) -> None:
         time.sleep(0.01)
-        self.data[offset : offset + len(data)] = data
+        super().write(offset, data)
 
 
 @blockfs.device(block_size=BS, blocks=SLOW_SIZE // BS, concurrency=2)
