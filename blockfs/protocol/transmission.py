@@ -184,16 +184,17 @@ class RequestReader:
         if command != Command.WRITE:
             self._start = start + REQUEST_HEADER_SIZE
             return Request(handle, command, flags, offset, length)
-        header = Request(handle, command, flags, offset, length)
         body = start + REQUEST_HEADER_SIZE
+        if self._end - body >= length and length <= self.max_payload:
+            # The common case: the whole write is here. One tuple, no copy.
+            self._start = body + length
+            return Request(handle, command, flags, offset, length, self._view[body : body + length])
+        header = Request(handle, command, flags, offset, length)
         if length > self.max_payload:
             self._start = body
             self._discard = length
             self._discard_header = header._replace(oversized=True)
             return self._parse()
-        if self._end - body >= length:
-            self._start = body + length
-            return header._replace(payload=self._view[body : body + length])
         if REQUEST_HEADER_SIZE + length <= len(self._buf):
             return self._closed_or_need()  # fits once compacted
         # Too big for the ring: give it a buffer of its own (kept for reuse).

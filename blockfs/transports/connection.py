@@ -31,19 +31,27 @@ class SocketConnection:
         return self.sock.recv_into(buf)
 
     def send_parts(self, parts: Sequence[Any]) -> None:
+        """Send every part, in order. Parts are bytes or byte-format memoryviews."""
         sendmsg = self.sock.sendmsg
+        if len(parts) <= IOV_MAX:
+            sent = sendmsg(parts)
+            if sent == sum(map(len, parts)):
+                return  # the usual case: everything went out in one call
+        else:
+            sent = 0
+        # A partial send (full socket buffer) or too many parts for one call.
         pending = [memoryview(p).cast("B") for p in parts]
-        while pending:
-            batch = pending[:IOV_MAX]
-            sent = sendmsg(batch)
-            # Drop what went out; a partial send leaves a tail of one buffer.
-            i = 0
-            while i < len(batch) and sent >= batch[i].nbytes:
-                sent -= batch[i].nbytes
+        while True:
+            i = 0  # drop what went out; a partial send leaves the tail of one part
+            while i < len(pending) and sent >= pending[i].nbytes:
+                sent -= pending[i].nbytes
                 i += 1
             del pending[:i]
             if sent:
                 pending[0] = pending[0][sent:]
+            if not pending:
+                return
+            sent = sendmsg(pending[:IOV_MAX])
 
     def shutdown(self) -> None:
         shutdown_socket(self.sock)
