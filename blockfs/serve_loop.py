@@ -29,9 +29,15 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from .dispatch.invoke import Failure, Invoker
+from .dispatch.invoke import Failure, Invoker, checked_read_result, failure_from
 from .errors import ProtocolError
-from .protocol.constants import MAX_PAYLOAD, Command, CommandFlag
+from .protocol.constants import (
+    MAX_PAYLOAD,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    Command,
+    CommandFlag,
+)
 from .protocol.transmission import (
     CLOSED,
     NEED_DATA,
@@ -40,6 +46,8 @@ from .protocol.transmission import (
     done_chunk,
     error_chunk,
     read_chunk_header,
+    pack_read_chunk,
+    pack_simple,
     simple_reply,
 )
 from .transports.connection import Connection
@@ -56,6 +64,7 @@ _READ, _WRITE, _DISC, _FLUSH, _TRIM, _WRITE_ZEROES = (
     Command.WRITE_ZEROES,
 )
 ARENA_SIZE = 4 * 1024 * 1024  # read payloads gathered before one sendmsg
+HANDOFF_BYTES = 256 * 1024  # batches with this much read data are sent by the sender thread
 # Concurrent devices: what one connection may have in flight before the loop
 # stops reading (and the socket pushes back on the client).
 MAX_INFLIGHT_REQUESTS = 256
@@ -83,6 +92,63 @@ class _Arena:
         if len(self.big) < n:
             self.big = memoryview(bytearray(n))
         return self.big[:n]
+
+
+class _Sender:
+    """Sends reply batches on a thread of its own, so that sending one batch
+    (a system call that releases the GIL) overlaps receiving and running the
+    next. One batch at a time: `send` returns once the previous batch is out,
+    so the caller may reuse that batch's buffers (it alternates two arenas)."""
+
+    def __init__(self, conn: Connection, label: str) -> None:
+        self.conn = conn
+        self._cv = threading.Condition()
+        self._batch: list[Any] | None = None
+        self._busy = False
+        self._stopped = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"{label} sender", daemon=True)
+        self._thread.start()
+
+    def send(self, parts: list[Any]) -> None:
+        with self._cv:
+            while (self._batch is not None or self._busy) and self.error is None:
+                self._cv.wait()
+            if self.error is not None:
+                raise self.error
+            self._batch = parts
+            self._cv.notify_all()
+
+    def wait(self) -> None:
+        """Until everything handed over has been sent (raises a send error)."""
+        with self._cv:
+            while (self._batch is not None or self._busy) and self.error is None:
+                self._cv.wait()
+            if self.error is not None:
+                raise self.error
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopped = True
+            self._cv.notify_all()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while self._batch is None and not self._stopped:
+                    self._cv.wait()
+                if self._batch is None:
+                    return
+                batch, self._batch, self._busy = self._batch, None, True
+            try:
+                self.conn.send_parts(batch)
+            except BaseException as exc:  # handed to the loop on its next send
+                with self._cv:
+                    self.error = exc
+            with self._cv:
+                self._busy = False
+                self._cv.notify_all()
 
 
 class ServeLoop:
@@ -197,7 +263,7 @@ class ServeLoop:
             return self._read_parts(req, result)
         if command == _WRITE:
             assert req.payload is not None
-            failure = inv.write(req.offset, req.payload.toreadonly(), fua)
+            failure = inv.write(req.offset, req.payload, fua)
         elif command == _FLUSH:
             failure = inv.flush()
         elif command == _TRIM:
@@ -208,32 +274,97 @@ class ServeLoop:
 
     # --- inline mode: handlers run in this thread, replies batched --------------
     def _run_inline(self) -> str:
-        conn, reader = self.conn, self.reader
-        arena = _Arena(ARENA_SIZE)
+        sender = _Sender(self.conn, self.label)
+        try:
+            return self._inline(sender)
+        finally:
+            try:
+                sender.wait()
+            except OSError:
+                pass
+            sender.stop()
+
+    def _inline(self, sender: _Sender) -> str:
+        conn, reader, inv, device = self.conn, self.reader, self.invoker, self.device
+        # Two arenas: one being sent by the sender while the other fills.
+        arenas = [_Arena(ARENA_SIZE), _Arena(ARENA_SIZE)]
+        arena = arenas[0]
         out: list[Any] = []
         next_event = reader.next_event
         check = self.check
         execute = self._execute_sync
+        # The fast path for plain reads and writes, the bulk of all traffic:
+        # the same rules as check() + _execute_sync(), without the calls.
+        size = device.size
+        read, write = device.read, device.write
+        lock = inv.lock
+        structured = self.structured
+        arena_len = ARENA_SIZE
+
+        def flush_out() -> None:
+            nonlocal out, arena
+            if arena.used < HANDOFF_BYTES:
+                # Small batch: a thread handoff costs more than the send saves.
+                sender.wait()  # (after any batch still going out: replies never interleave)
+                conn.send_parts(out)
+                out.clear()
+                arena.used = 0
+                return
+            sender.send(out)  # returns once the previous batch (other arena) is out
+            out = []
+            arena = arenas[1] if arena is arenas[0] else arenas[0]
+            arena.used = 0
+
         while True:
             req = next_event()
-            if req is NEED_DATA:
-                if out:
-                    conn.send_parts(out)
-                    out.clear()
-                    arena.used = 0
-                n = conn.recv_into(reader.receive_buffer())
-                reader.received(n)
-                continue
-            if req is CLOSED:
-                if out:
-                    conn.send_parts(out)
+            if req.__class__ is not Request:
+                if req is NEED_DATA:
+                    if out:
+                        flush_out()
+                    reader.received(conn.recv_into(reader.receive_buffer()))
+                    continue
+                if out:  # CLOSED
+                    flush_out()
+                sender.wait()
                 self._finish()
                 return "closed"
-            assert isinstance(req, Request)
             self.requests += 1
-            if req.command == _DISC:
+            handle, command, flags, offset, length, payload, _ = req
+            if not flags and 0 < length and offset + length <= size:
+                if command == _READ and length <= arena_len:
+                    used = arena.used
+                    if used + length > arena_len:  # this arena is full of payloads waiting to go out
+                        flush_out()
+                        used = 0
+                    arena.used = used + length
+                    buf = arena.view[used : used + length]
+                    try:
+                        with lock:
+                            result = read(offset, buf)
+                        if result is not None:
+                            buf = checked_read_result(result, buf)
+                    except Exception as exc:
+                        out += self._error_parts(req, failure_from(exc, f"read({offset}, {length})"))
+                        continue
+                    if structured:
+                        out += (pack_read_chunk(STRUCTURED_REPLY_MAGIC, 1, 1, handle, 8 + length, offset), buf)
+                    else:
+                        out += (pack_simple(SIMPLE_REPLY_MAGIC, 0, handle), buf)
+                    continue
+                if command == _WRITE and write is not None and payload is not None:
+                    try:
+                        with lock:
+                            write(offset, payload)
+                    except Exception as exc:
+                        out += self._error_parts(req, failure_from(exc, f"write({offset}, {length})"))
+                        continue
+                    out.append(pack_simple(SIMPLE_REPLY_MAGIC, 0, handle))
+                    continue
+            # Everything else: the general path.
+            if command == _DISC:
                 if out:
-                    conn.send_parts(out)
+                    flush_out()
+                sender.wait()
                 self._finish()
                 return "disconnect"
             failure = check(req)
@@ -241,18 +372,16 @@ class ServeLoop:
                 out += self._error_parts(req, failure)
                 continue
             buf = None
-            if req.command == _READ:
-                buf = arena.take(req.length)
+            if command == _READ:
+                buf = arena.take(length)
                 if buf is None:
-                    if out:  # the arena is full of payloads waiting to go out
-                        conn.send_parts(out)
-                        out.clear()
-                    arena.used = 0
-                    buf = arena.take(req.length) or arena.take_big(req.length)
+                    if out:
+                        flush_out()
+                    buf = arena.take(length) or arena.take_big(length)
             out += execute(req, buf)
             if buf is not None and buf.obj is arena.big.obj:
-                conn.send_parts(out)  # the big buffer is reused by the next large read
-                out.clear()
+                flush_out()  # the big buffer is reused by the next large read:
+                sender.wait()  # it must be out first
 
     # --- concurrent mode: handlers on workers, replies as they complete ---------
     def _run_concurrent(self) -> str:
@@ -293,7 +422,7 @@ class ServeLoop:
             earlier_writes = list(self._inflight_writes) if req.command == _FLUSH else []
         if req.payload is not None:
             # The reader reuses its buffer: the worker gets its own copy.
-            req = req._replace(payload=memoryview(bytearray(req.payload)))
+            req = req._replace(payload=memoryview(bytearray(req.payload)).toreadonly())
         if inv.is_async:
             future = inv.submit_async(lambda: self._execute_async(req, earlier_writes))
         else:
@@ -339,7 +468,7 @@ class ServeLoop:
         failure: Failure | None
         if req.command == _WRITE:
             assert req.payload is not None and device.write is not None
-            failure = await inv.call_async(f"write({req.offset}, {req.length})", device.write, req.offset, req.payload.toreadonly())
+            failure = await inv.call_async(f"write({req.offset}, {req.length})", device.write, req.offset, req.payload)
         elif req.command == _TRIM:
             assert device.trim is not None
             failure = await inv.call_async(f"trim({req.offset}, {req.length})", device.trim, req.offset, req.length)

@@ -73,7 +73,9 @@ class Invoker:
         # Requests are handed to workers (and may complete out of order) when
         # the device allows overlap or its handlers are coroutines.
         self.concurrent = self.is_async or self.concurrency > 1
-        self._lock = threading.Lock()  # serializes inline calls across connections
+        # Serializes handler calls across connections when the device allows
+        # no overlap; a no-op when its own pool or loop bounds concurrency.
+        self.lock: threading.Lock | _NoLock = _NO_LOCK if self.concurrent else threading.Lock()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
@@ -84,7 +86,7 @@ class Invoker:
     def read(self, offset: int, buf: memoryview) -> memoryview | Failure:
         """Fill `buf` (or take the bytes the handler returns); the payload to send."""
         try:
-            with self._lock if not self.concurrent else _NO_LOCK:
+            with self.lock:
                 result = self.device.read(offset, buf)
             return checked_read_result(result, buf)
         except Exception as exc:
@@ -94,7 +96,7 @@ class Invoker:
         write = self.device.write
         assert write is not None
         try:
-            with self._lock if not self.concurrent else _NO_LOCK:
+            with self.lock:
                 write(offset, data)
         except Exception as exc:
             return failure_from(exc, f"write({offset}, {len(data)})")
@@ -115,7 +117,7 @@ class Invoker:
         trim = self.device.trim
         assert trim is not None
         try:
-            with self._lock if not self.concurrent else _NO_LOCK:
+            with self.lock:
                 trim(offset, length)
         except Exception as exc:
             return failure_from(exc, f"trim({offset}, {length})")
@@ -126,7 +128,7 @@ class Invoker:
         if flush is None:
             return None
         try:
-            with self._lock if not self.concurrent else _NO_LOCK:
+            with self.lock:
                 flush()
         except Exception as exc:
             return failure_from(exc, "flush()")

@@ -32,6 +32,10 @@ _REQUEST = struct.Struct(">IHHQQI")
 _SIMPLE_REPLY = struct.Struct(">IIQ")
 _CHUNK_HEADER = struct.Struct(">IHHQI")
 _OFFSET_DATA = struct.Struct(">IHHQIQ")  # chunk header + data offset
+# The raw packers, for the serve loop's fast path (same bytes as simple_reply
+# and read_chunk_header, which the tests check byte for byte).
+pack_simple = _SIMPLE_REPLY.pack
+pack_read_chunk = _OFFSET_DATA.pack
 _ERROR_CHUNK = struct.Struct(">IHHQIIH")  # chunk header + error + message length
 
 
@@ -73,6 +77,7 @@ class RequestReader:
         self.max_payload = max_payload
         self._buf = bytearray(buffer_size)
         self._view = memoryview(self._buf)
+        self._payloads = self._view.toreadonly()  # handlers get read-only views
         self._start = 0  # first unparsed byte
         self._end = 0  # end of received data
         self._eof = False
@@ -162,7 +167,7 @@ class RequestReader:
             if self._big_filled < header.length:
                 return self._closed_or_need()
             self._big_header = None
-            return header._replace(payload=self._big_view[: header.length])
+            return header._replace(payload=self._big_view[: header.length].toreadonly())
         if self._discard:
             take = min(self._discard, self._end - self._start)
             self._start += take
@@ -188,7 +193,7 @@ class RequestReader:
         if self._end - body >= length and length <= self.max_payload:
             # The common case: the whole write is here. One tuple, no copy.
             self._start = body + length
-            return Request(handle, command, flags, offset, length, self._view[body : body + length])
+            return Request(handle, command, flags, offset, length, self._payloads[body : body + length])
         header = Request(handle, command, flags, offset, length)
         if length > self.max_payload:
             self._start = body

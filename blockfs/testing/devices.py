@@ -15,10 +15,11 @@ class MemoryDisk:
         self.block_size = block_size
         self.blocks = size // block_size
         self.data = bytearray(size)
+        self.view = memoryview(self.data)  # slicing a view copies nothing
 
     @blockfs.on_read
     def read(self, offset: int, buf: memoryview) -> None:
-        buf[:] = self.data[offset : offset + len(buf)]
+        buf[:] = self.view[offset : offset + len(buf)]
 
     @blockfs.on_write
     def write(self, offset: int, data: memoryview) -> None:
