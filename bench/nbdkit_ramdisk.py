@@ -4,11 +4,15 @@
         [thread_model=parallel|serialize_requests|serialize_all_requests]
 
 Thread model: nbdkit 1.32's Python plugin defaults to
-serialize_all_requests; since nbdkit 1.22 a plugin may raise it with
+serialize_all_requests; since nbdkit 1.22 a plugin may choose another with
 thread_model(), and `nbdkit python --dump-plugin` reports
-max_thread_model=parallel, so this plugin asks for parallel (the most
-nbdkit allows it). The GIL still runs one callback at a time; the slice copies
-are done under it, so no locks are needed.
+max_thread_model=parallel, so parallel is allowed. It is slower for this
+plugin (16 worker threads fighting for the GIL instead of the connection's
+own thread running the callback; numbers in docs/performance.md), so
+bench/run.py passes thread_model=serialize_all_requests, and
+thread_model=parallel for its extra server nbdkit-python-parallel. Without
+the parameter this file asks for serialize_all_requests too. The GIL runs one
+callback at a time, so the slice copies need no lock in any model.
 """
 
 import nbdkit
@@ -16,7 +20,7 @@ import nbdkit
 API_VERSION = 2
 
 size = 1 << 30
-model = "parallel"
+model = "serialize_all_requests"
 disk = None
 view = None
 
@@ -26,7 +30,7 @@ def config(key, value):
     global model
     if key == "size":
         size = nbdkit.parse_size(value)
-    elif key == "thread_model":  # for comparing models; bench/run.py uses the default
+    elif key == "thread_model":  # parallel, serialize_requests, serialize_all_requests, ...
         model = value
     else:
         raise RuntimeError(f"unknown parameter {key!r}")

@@ -504,8 +504,8 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def fmt_ratio(r: float | None) -> str:
-    return "n/a" if r is None else f"{r:.2f}x"
+def fmt_ratio(r: float | None, digits: int = 2) -> str:
+    return "n/a" if r is None else f"{r:.{digits}f}x"
 
 
 @dataclass
@@ -527,7 +527,7 @@ def targets(data: dict[str, Any]) -> list[Target]:
 
         def check(wl: str, peer: str, need: float) -> None:
             r = ratio(m("blockfs", wl), m(peer, wl))
-            out.append(Target(f"{wl}: blockfs / {LABEL[peer]}", fmt_ratio(r), f">= {need:g}x",
+            out.append(Target(f"{wl}: blockfs / {LABEL[peer]}", fmt_ratio(r, 3), f">= {need:g}x",
                               None if r is None else r >= need))
 
         for wl in ("rand read 4K QD16", "rand write 4K QD16"):
@@ -555,7 +555,7 @@ def targets(data: dict[str, Any]) -> list[Target]:
                 continue
             r = ratio(med(ker["results"]["blockfs"][wl]), med(ker["results"]["nbdkit-memory"][wl]))
             out.append(Target(f"kernel (UML) {wl} IOPS: blockfs.run() / nbd-client+nbdkit memory",
-                              fmt_ratio(r), ">= 0.75x", None if r is None else r >= 0.75))
+                              fmt_ratio(r, 3), ">= 0.75x", None if r is None else r >= 0.75))
     return out
 
 
