@@ -151,6 +151,60 @@ class _Sender:
                 self._cv.notify_all()
 
 
+class _Runner:
+    """Runs one large write's handler on a thread of its own while the loop
+    receives the next payload (recv releases the GIL, so the two overlap).
+    At most one job at a time, and the loop collects it before calling any
+    other handler: handlers still never overlap."""
+
+    def __init__(self, label: str) -> None:
+        self._cv = threading.Condition()
+        self._job: tuple[Callable[..., Any], tuple[Any, ...]] | None = None
+        self._result: tuple[BaseException | None] | None = None
+        self.pending: Request | None = None  # the request whose handler runs
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name=f"{label} writer", daemon=True)
+        self._thread.start()
+
+    def start(self, req: Request, fn: Callable[..., Any], *args: Any) -> None:
+        with self._cv:
+            self.pending, self._job, self._result = req, (fn, args), None
+            self._cv.notify_all()
+
+    def collect(self) -> tuple[Request, BaseException | None]:
+        """Wait for the pending job: its request and exception (or None)."""
+        with self._cv:
+            while self._result is None:
+                self._cv.wait()
+            req, (exc,) = self.pending, self._result
+            self.pending = self._result = None
+        assert req is not None
+        return req, exc
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopped = True
+            self._cv.notify_all()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while self._job is None and not self._stopped:
+                    self._cv.wait()
+                if self._job is None:
+                    return
+                (fn, args), self._job = self._job, None
+            exc: BaseException | None = None
+            try:
+                fn(*args)
+            except BaseException as e:  # handed back to the loop
+                exc = e
+            with self._cv:
+                self._result = (exc,)
+                self._cv.notify_all()
+
+
 class ServeLoop:
     """Serves one connection until the client disconnects or breaks the protocol."""
 
@@ -275,16 +329,20 @@ class ServeLoop:
     # --- inline mode: handlers run in this thread, replies batched --------------
     def _run_inline(self) -> str:
         sender = _Sender(self.conn, self.label)
+        runner = _Runner(self.label)
         try:
-            return self._inline(sender)
+            return self._inline(sender, runner)
         finally:
+            if runner.pending is not None:
+                runner.collect()
+            runner.stop()
             try:
                 sender.wait()
             except OSError:
                 pass
             sender.stop()
 
-    def _inline(self, sender: _Sender) -> str:
+    def _inline(self, sender: _Sender, runner: _Runner) -> str:
         conn, reader, inv, device = self.conn, self.reader, self.invoker, self.device
         # Two arenas: one being sent by the sender while the other fills.
         arenas = [_Arena(ARENA_SIZE), _Arena(ARENA_SIZE)]
@@ -300,6 +358,7 @@ class ServeLoop:
         lock = inv.lock
         structured = self.structured
         arena_len = ARENA_SIZE
+        fits_in_ring = reader.fits_in_ring
 
         def flush_out() -> None:
             nonlocal out, arena
@@ -315,22 +374,58 @@ class ServeLoop:
             arena = arenas[1] if arena is arenas[0] else arenas[0]
             arena.used = 0
 
+        def write_locked(offset: int, payload: memoryview) -> None:
+            with lock:
+                write(offset, payload)
+
+        def collect() -> None:
+            """The large write running on the runner: wait, and queue its reply."""
+            done, exc = runner.collect()
+            if exc is None:
+                out.append(pack_simple(SIMPLE_REPLY_MAGIC, 0, done.handle))
+            elif isinstance(exc, Exception):
+                out.extend(self._error_parts(done, failure_from(exc, f"write({done.offset}, {done.length})")))
+            else:
+                raise exc
+
         while True:
             req = next_event()
             if req.__class__ is not Request:
                 if req is NEED_DATA:
                     if out:
                         flush_out()
-                    reader.received(conn.recv_into(reader.receive_buffer()))
+                    target = reader.receive_buffer()
+                    if reader.in_large_payload:
+                        # The rest of a large payload, in one system call that
+                        # runs without the GIL (while the runner copies the last one).
+                        n = conn.recv_into_all(target)
+                    elif runner.pending is not None:
+                        # A large write is running: receive what is already here
+                        # meanwhile, but never block while its reply is unsent.
+                        n = conn.recv_into_nowait(target)
+                        if n is None:
+                            collect()
+                            flush_out()
+                            n = conn.recv_into(target)
+                    else:
+                        n = conn.recv_into(target)
+                    reader.received(n)
                     continue
+                if runner.pending is not None:
+                    collect()
                 if out:  # CLOSED
                     flush_out()
                 sender.wait()
                 self._finish()
                 return "closed"
             self.requests += 1
+            if runner.pending is not None:
+                collect()  # handlers never overlap, and run in the order received
             handle, command, flags, offset, length, payload, _ = req
             if not flags and 0 < length and offset + length <= size:
+                if command == _WRITE and write is not None and payload is not None and not fits_in_ring(length):
+                    runner.start(req, write_locked, offset, payload)
+                    continue
                 if command == _READ and length <= arena_len:
                     used = arena.used
                     if used + length > arena_len:  # this arena is full of payloads waiting to go out
@@ -446,7 +541,7 @@ class ServeLoop:
     def _execute_in_worker(self, req: Request, earlier: list[concurrent.futures.Future[Any]]) -> None:
         if earlier:
             concurrent.futures.wait(earlier)
-        buf = memoryview(_worker_buffer(req.length)) if req.command == _READ else None
+        buf = _worker_buffer(req.length) if req.command == _READ else None
         self._send(self._execute_sync(req, buf))
 
     async def _execute_async(self, req: Request, earlier: list[concurrent.futures.Future[Any]]) -> None:
@@ -513,5 +608,3 @@ def _worker_buffer(n: int) -> memoryview:
         buf = _local.buf = bytearray(max(n, 128 * 1024))
     return memoryview(buf)[:n]
 
-
-ServeLoopFactory = Callable[..., ServeLoop]

@@ -5,8 +5,11 @@ byte.
 Receiving is zero-copy: the transport asks `RequestReader.receive_buffer()`
 for a writable memoryview, `recv_into`s it, and reports the count with
 `received(n)`. `next_event()` then returns one `Request` at a time, or
-`NEED_DATA` / `CLOSED`. A write's payload is a memoryview into the reader's
-own buffers: it stays valid until the next `receive_buffer()` or `feed()`.
+`NEED_DATA` / `CLOSED`. A write's payload is a read-only memoryview into the
+reader's own buffers: it stays valid until the next `receive_buffer()` or
+`feed()`, except a payload too big for the ring (`fits_in_ring` false), which
+has a buffer of its own and stays valid until the *second* next such payload
+starts arriving.
 """
 
 from __future__ import annotations
@@ -84,7 +87,10 @@ class RequestReader:
         # A write payload too big for the ring goes straight into its own
         # buffer: anonymous mmap, so pages are committed only as bytes arrive
         # (a client announcing 32 MiB and sending 1 byte pins 1 page, not 32 MiB).
-        self._big_view = memoryview(b"")
+        # Two of them, used in turn, so that a large payload handed out stays
+        # intact while the next one is received (the serve loop overlaps them).
+        self._bigs = [memoryview(b""), memoryview(b"")]
+        self._big_view = self._bigs[0]
         self._big_header: Request | None = None
         self._big_filled = 0
         # An oversized write's payload is read and dropped, `_discard` bytes to go.
@@ -203,8 +209,11 @@ class RequestReader:
         if REQUEST_HEADER_SIZE + length <= len(self._buf):
             return self._closed_or_need()  # fits once compacted
         # Too big for the ring: give it a buffer of its own (kept for reuse).
-        if len(self._big_view) < length:
-            self._big_view = memoryview(mmap.mmap(-1, length))
+        # The other buffer of the two: the last large payload may still be in use.
+        spare = 1 if self._big_view is self._bigs[0] else 0
+        if len(self._bigs[spare]) < length:
+            self._bigs[spare] = memoryview(mmap.mmap(-1, length))
+        self._big_view = self._bigs[spare]
         have = self._end - body
         self._big_view[:have] = self._view[body : self._end]
         self._start = self._end = 0
@@ -215,6 +224,15 @@ class RequestReader:
         if self._eof:
             raise ProtocolError("connection closed in the middle of a request")
         return NEED_DATA
+
+    @property
+    def in_large_payload(self) -> bool:
+        """receive_buffer() is exactly the rest of a large write's payload."""
+        return self._big_header is not None
+
+    def fits_in_ring(self, length: int) -> bool:
+        """Whether a write of `length` bytes is received into the shared ring."""
+        return REQUEST_HEADER_SIZE + length <= len(self._buf)
 
     @property
     def buffered(self) -> int:

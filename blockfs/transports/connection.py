@@ -15,6 +15,8 @@ IOV_MAX = 1024  # Linux's limit on buffers per sendmsg
 
 class Connection(Protocol):
     def recv_into(self, buf: memoryview) -> int: ...
+    def recv_into_nowait(self, buf: memoryview) -> int | None: ...
+    def recv_into_all(self, buf: memoryview) -> int: ...
     def send_parts(self, parts: Sequence[Any]) -> None: ...
     def shutdown(self) -> None: ...
     def close(self) -> None: ...
@@ -29,6 +31,18 @@ class SocketConnection:
 
     def recv_into(self, buf: memoryview) -> int:  # replaced per instance by the bound method
         return self.sock.recv_into(buf)
+
+    def recv_into_all(self, buf: memoryview) -> int:
+        """Fill all of `buf` in one system call (fewer only at end of stream):
+        for the rest of a payload whose length is known."""
+        return self.sock.recv_into(buf, 0, socket.MSG_WAITALL)
+
+    def recv_into_nowait(self, buf: memoryview) -> int | None:
+        """Like recv_into, or None at once if nothing has arrived."""
+        try:
+            return self.sock.recv_into(buf, 0, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
 
     def send_parts(self, parts: Sequence[Any]) -> None:
         """Send every part, in order. Parts are bytes or byte-format memoryviews."""
@@ -65,6 +79,12 @@ class StreamConnection(SocketConnection):
 
     def __init__(self, sock: ssl.SSLSocket) -> None:
         super().__init__(sock)
+
+    def recv_into_nowait(self, buf: memoryview) -> int | None:
+        return None  # TLS records cannot be read without blocking this way: never overlap
+
+    def recv_into_all(self, buf: memoryview) -> int:
+        return self.sock.recv_into(buf)  # TLS has no MSG_WAITALL; the loop asks again
 
     def send_parts(self, parts: Sequence[Any]) -> None:
         small: list[Any] = []
