@@ -226,12 +226,20 @@ def scenario_trim_flush() -> None:
 def scenario_unmount_and_reuse() -> None:
     """unmount() from on_mount ends run() cleanly; the device is reusable at once,
     also after the server was killed with SIGKILL."""
+    seen: list[str] = []
+
+    def on_mount(m: blockfs.Mount) -> None:
+        seen.append(m.path)
+        m.set_timeout(45)  # NBD_SET_TIMEOUT on the live device
+        m.unmount()
+
     for attempt in range(2):
         disk = Recorder()
         t0 = time.monotonic()
-        blockfs.run(disk, DEV, on_mount=lambda m: m.unmount())
+        blockfs.run(disk, DEV, on_mount=on_mount, timeout=30)
         check(disk.unmounted == 1, f"run {attempt + 1}: run() returned after unmount() in {time.monotonic() - t0:.2f} s")
         check(not is_live(DEV), "the device is down")
+    check(seen == [DEV, DEV], f"on_mount got the path and set a timeout both times: {seen}")
     # An unclean exit: kill -9 the server, then attach again right away.
     proc = start_server([str(EXAMPLES / "ramdisk.py"), DEV], DEV)
     proc.kill()
