@@ -94,92 +94,39 @@ class _Arena:
         return self.big[:n]
 
 
-class _Sender:
-    """Sends reply batches on a thread of its own, so that sending one batch
-    (a system call that releases the GIL) overlaps receiving and running the
-    next. One batch at a time: `send` returns once the previous batch is out,
-    so the caller may reuse that batch's buffers (it alternates two arenas)."""
+class _Offload:
+    """One job at a time on a thread of its own, so that the serve loop goes on
+    receiving meanwhile. Used for sending a large reply batch and for running
+    a large write's handler: both release the GIL for most of their time
+    (sendmsg, a file write), which is what lets the two threads overlap."""
 
-    def __init__(self, conn: Connection, label: str) -> None:
-        self.conn = conn
-        self._cv = threading.Condition()
-        self._batch: list[Any] | None = None
-        self._busy = False
-        self._stopped = False
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=f"{label} sender", daemon=True)
-        self._thread.start()
-
-    def send(self, parts: list[Any]) -> None:
-        with self._cv:
-            while (self._batch is not None or self._busy) and self.error is None:
-                self._cv.wait()
-            if self.error is not None:
-                raise self.error
-            self._batch = parts
-            self._cv.notify_all()
-
-    def wait(self) -> None:
-        """Until everything handed over has been sent (raises a send error)."""
-        with self._cv:
-            while (self._batch is not None or self._busy) and self.error is None:
-                self._cv.wait()
-            if self.error is not None:
-                raise self.error
-
-    def stop(self) -> None:
-        with self._cv:
-            self._stopped = True
-            self._cv.notify_all()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                while self._batch is None and not self._stopped:
-                    self._cv.wait()
-                if self._batch is None:
-                    return
-                batch, self._batch, self._busy = self._batch, None, True
-            try:
-                self.conn.send_parts(batch)
-            except BaseException as exc:  # handed to the loop on its next send
-                with self._cv:
-                    self.error = exc
-            with self._cv:
-                self._busy = False
-                self._cv.notify_all()
-
-
-class _Runner:
-    """Runs one large write's handler on a thread of its own while the loop
-    receives the next payload (recv releases the GIL, so the two overlap).
-    At most one job at a time, and the loop collects it before calling any
-    other handler: handlers still never overlap."""
-
-    def __init__(self, label: str) -> None:
+    def __init__(self, name: str) -> None:
         self._cv = threading.Condition()
         self._job: tuple[Callable[..., Any], tuple[Any, ...]] | None = None
-        self._result: tuple[BaseException | None] | None = None
-        self.pending: Request | None = None  # the request whose handler runs
+        self._running = False
+        self._error: BaseException | None = None
         self._stopped = False
-        self._thread = threading.Thread(target=self._run, name=f"{label} writer", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def start(self, req: Request, fn: Callable[..., Any], *args: Any) -> None:
+    @property
+    def busy(self) -> bool:
+        return self._job is not None or self._running
+
+    def start(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Hand over a job; the previous one must have been waited for."""
         with self._cv:
-            self.pending, self._job, self._result = req, (fn, args), None
+            assert not self.busy
+            self._job = (fn, args)
             self._cv.notify_all()
 
-    def collect(self) -> tuple[Request, BaseException | None]:
-        """Wait for the pending job: its request and exception (or None)."""
+    def wait(self) -> BaseException | None:
+        """Until the job handed over has finished; what it raised, if anything."""
         with self._cv:
-            while self._result is None:
+            while self.busy:
                 self._cv.wait()
-            req, (exc,) = self.pending, self._result
-            self.pending = self._result = None
-        assert req is not None
-        return req, exc
+            exc, self._error = self._error, None
+        return exc
 
     def stop(self) -> None:
         with self._cv:
@@ -194,14 +141,14 @@ class _Runner:
                     self._cv.wait()
                 if self._job is None:
                     return
-                (fn, args), self._job = self._job, None
-            exc: BaseException | None = None
+                (fn, args), self._job, self._running = self._job, None, True
+            error: BaseException | None = None
             try:
                 fn(*args)
-            except BaseException as e:  # handed back to the loop
-                exc = e
+            except BaseException as exc:  # handed to the loop by wait()
+                error = exc
             with self._cv:
-                self._result = (exc,)
+                self._running, self._error = False, error
                 self._cv.notify_all()
 
 
@@ -328,21 +275,17 @@ class ServeLoop:
 
     # --- inline mode: handlers run in this thread, replies batched --------------
     def _run_inline(self) -> str:
-        sender = _Sender(self.conn, self.label)
-        runner = _Runner(self.label)
+        sender = _Offload(f"{self.label} sender")  # large reply batches
+        runner = _Offload(f"{self.label} writer")  # large writes' handlers
         try:
             return self._inline(sender, runner)
         finally:
-            if runner.pending is not None:
-                runner.collect()
+            runner.wait()
+            sender.wait()
             runner.stop()
-            try:
-                sender.wait()
-            except OSError:
-                pass
             sender.stop()
 
-    def _inline(self, sender: _Sender, runner: _Runner) -> str:
+    def _inline(self, sender: _Offload, runner: _Offload) -> str:
         conn, reader, inv, device = self.conn, self.reader, self.invoker, self.device
         # Two arenas: one being sent by the sender while the other fills.
         arenas = [_Arena(ARENA_SIZE), _Arena(ARENA_SIZE)]
@@ -360,16 +303,22 @@ class ServeLoop:
         arena_len = ARENA_SIZE
         fits_in_ring = reader.fits_in_ring
 
+        def sent() -> None:
+            """Until the batch the sender has is out (replies never interleave)."""
+            exc = sender.wait()
+            if exc is not None:
+                raise exc
+
         def flush_out() -> None:
             nonlocal out, arena
+            sent()  # and so the other arena is free again
             if arena.used < HANDOFF_BYTES:
                 # Small batch: a thread handoff costs more than the send saves.
-                sender.wait()  # (after any batch still going out: replies never interleave)
                 conn.send_parts(out)
                 out.clear()
                 arena.used = 0
                 return
-            sender.send(out)  # returns once the previous batch (other arena) is out
+            sender.start(conn.send_parts, out)
             out = []
             arena = arenas[1] if arena is arenas[0] else arenas[0]
             arena.used = 0
@@ -378,9 +327,13 @@ class ServeLoop:
             with lock:
                 write(offset, payload)
 
+        running: Request | None = None  # the large write whose handler the runner has
+
         def collect() -> None:
-            """The large write running on the runner: wait, and queue its reply."""
-            done, exc = runner.collect()
+            """Wait for the large write on the runner, and queue its reply."""
+            nonlocal running
+            exc, done, running = runner.wait(), running, None
+            assert done is not None
             if exc is None:
                 out.append(pack_simple(SIMPLE_REPLY_MAGIC, 0, done.handle))
             elif isinstance(exc, Exception):
@@ -399,7 +352,7 @@ class ServeLoop:
                         # The rest of a large payload, in one system call that
                         # runs without the GIL (while the runner copies the last one).
                         n = conn.recv_into_all(target)
-                    elif runner.pending is not None:
+                    elif running is not None:
                         # A large write is running: receive what is already here
                         # meanwhile, but never block while its reply is unsent.
                         n = conn.recv_into_nowait(target)
@@ -411,20 +364,21 @@ class ServeLoop:
                         n = conn.recv_into(target)
                     reader.received(n)
                     continue
-                if runner.pending is not None:
+                if running is not None:
                     collect()
                 if out:  # CLOSED
                     flush_out()
-                sender.wait()
+                sent()
                 self._finish()
                 return "closed"
             self.requests += 1
-            if runner.pending is not None:
+            if running is not None:
                 collect()  # handlers never overlap, and run in the order received
             handle, command, flags, offset, length, payload, _ = req
             if not flags and 0 < length and offset + length <= size:
                 if command == _WRITE and write is not None and payload is not None and not fits_in_ring(length):
-                    runner.start(req, write_locked, offset, payload)
+                    runner.start(write_locked, offset, payload)
+                    running = req
                     continue
                 if command == _READ and length <= arena_len:
                     used = arena.used
@@ -459,7 +413,7 @@ class ServeLoop:
             if command == _DISC:
                 if out:
                     flush_out()
-                sender.wait()
+                sent()
                 self._finish()
                 return "disconnect"
             failure = check(req)
@@ -476,7 +430,7 @@ class ServeLoop:
             out += execute(req, buf)
             if buf is not None and buf.obj is arena.big.obj:
                 flush_out()  # the big buffer is reused by the next large read:
-                sender.wait()  # it must be out first
+                sent()  # it must be out first
 
     # --- concurrent mode: handlers on workers, replies as they complete ---------
     def _run_concurrent(self) -> str:
