@@ -29,7 +29,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from .dispatch.invoke import Failure, Invoker, checked_read_result, failure_from
+from .dispatch.invoke import ZERO_CHUNK, ZEROES, Failure, Invoker, checked_read_result, failure_from
 from .errors import ProtocolError
 from .protocol.constants import (
     MAX_PAYLOAD,
@@ -341,96 +341,105 @@ class ServeLoop:
             else:
                 raise exc
 
-        while True:
-            req = next_event()
-            if req.__class__ is not Request:
-                if req is NEED_DATA:
-                    if out:
-                        flush_out()
-                    target = reader.receive_buffer()
-                    if reader.in_large_payload:
-                        # The rest of a large payload, in one system call that
-                        # runs without the GIL (while the runner copies the last one).
-                        n = conn.recv_into_all(target)
-                    elif running is not None:
-                        # A large write is running: receive what is already here
-                        # meanwhile, but never block while its reply is unsent.
-                        n = conn.recv_into_nowait(target)
-                        if n is None:
-                            collect()
+        try:
+            while True:
+                req = next_event()
+                if req.__class__ is not Request:
+                    if req is NEED_DATA:
+                        if out:
                             flush_out()
+                        target = reader.receive_buffer()
+                        if reader.in_large_payload:
+                            # The rest of a large payload, in one system call that
+                            # runs without the GIL (while the runner copies the last one).
+                            n = conn.recv_into_all(target)
+                        elif running is not None:
+                            # A large write is running: receive what is already here
+                            # meanwhile, but never block while its reply is unsent.
+                            n = conn.recv_into_nowait(target)
+                            if n is None:
+                                collect()
+                                flush_out()
+                                n = conn.recv_into(target)
+                        else:
                             n = conn.recv_into(target)
-                    else:
-                        n = conn.recv_into(target)
-                    reader.received(n)
-                    continue
-                if running is not None:
-                    collect()
-                if out:  # CLOSED
-                    flush_out()
-                sent()
-                self._finish()
-                return "closed"
-            self.requests += 1
-            if running is not None:
-                collect()  # handlers never overlap, and run in the order received
-            handle, command, flags, offset, length, payload, _ = req
-            if not flags and 0 < length and offset + length <= size:
-                if command == _WRITE and write is not None and payload is not None and not fits_in_ring(length):
-                    runner.start(write_locked, offset, payload)
-                    running = req
-                    continue
-                if command == _READ and length <= arena_len:
-                    used = arena.used
-                    if used + length > arena_len:  # this arena is full of payloads waiting to go out
+                        reader.received(n)
+                        continue
+                    if running is not None:
+                        collect()
+                    if out:  # CLOSED
                         flush_out()
-                        used = 0
-                    arena.used = used + length
-                    buf = arena.view[used : used + length]
-                    try:
-                        with lock:
-                            result = read(offset, buf)
-                        if result is not None:
-                            buf = checked_read_result(result, buf)
-                    except Exception as exc:
-                        out += self._error_parts(req, failure_from(exc, f"read({offset}, {length})"))
+                    sent()
+                    self._finish()
+                    return "closed"
+                self.requests += 1
+                if running is not None:
+                    collect()  # handlers never overlap, and run in the order received
+                handle, command, flags, offset, length, payload, _ = req
+                if not flags and 0 < length and offset + length <= size:
+                    if command == _WRITE and write is not None and payload is not None and not fits_in_ring(length):
+                        runner.start(write_locked, offset, payload)
+                        running = req
                         continue
-                    if structured:
-                        out += (pack_read_chunk(STRUCTURED_REPLY_MAGIC, 1, 1, handle, 8 + length, offset), buf)
-                    else:
-                        out += (pack_simple(SIMPLE_REPLY_MAGIC, 0, handle), buf)
-                    continue
-                if command == _WRITE and write is not None and payload is not None:
-                    try:
-                        with lock:
-                            write(offset, payload)
-                    except Exception as exc:
-                        out += self._error_parts(req, failure_from(exc, f"write({offset}, {length})"))
+                    if command == _READ and length <= arena_len:
+                        used = arena.used
+                        if used + length > arena_len:  # this arena is full of payloads waiting to go out
+                            flush_out()
+                            used = 0
+                        arena.used = used + length
+                        buf = arena.view[used : used + length]
+                        try:
+                            with lock:
+                                result = read(offset, buf)
+                            if result is not None:
+                                buf = checked_read_result(result, buf)
+                        except Exception as exc:
+                            out += self._error_parts(req, failure_from(exc, f"read({offset}, {length})"))
+                            continue
+                        if structured:
+                            out += (pack_read_chunk(STRUCTURED_REPLY_MAGIC, 1, 1, handle, 8 + length, offset), buf)
+                        else:
+                            out += (pack_simple(SIMPLE_REPLY_MAGIC, 0, handle), buf)
                         continue
-                    out.append(pack_simple(SIMPLE_REPLY_MAGIC, 0, handle))
-                    continue
-            # Everything else: the general path.
-            if command == _DISC:
-                if out:
-                    flush_out()
-                sent()
-                self._finish()
-                return "disconnect"
-            failure = check(req)
-            if failure is not None:
-                out += self._error_parts(req, failure)
-                continue
-            buf = None
-            if command == _READ:
-                buf = arena.take(length)
-                if buf is None:
+                    if command == _WRITE and write is not None and payload is not None:
+                        try:
+                            with lock:
+                                write(offset, payload)
+                        except Exception as exc:
+                            out += self._error_parts(req, failure_from(exc, f"write({offset}, {length})"))
+                            continue
+                        out.append(pack_simple(SIMPLE_REPLY_MAGIC, 0, handle))
+                        continue
+                # Everything else: the general path.
+                if command == _DISC:
                     if out:
                         flush_out()
-                    buf = arena.take(length) or arena.take_big(length)
-            out += execute(req, buf)
-            if buf is not None and buf.obj is arena.big.obj:
-                flush_out()  # the big buffer is reused by the next large read:
-                sent()  # it must be out first
+                    sent()
+                    self._finish()
+                    return "disconnect"
+                failure = check(req)
+                if failure is not None:
+                    out += self._error_parts(req, failure)
+                    continue
+                buf = None
+                if command == _READ:
+                    buf = arena.take(length)
+                    if buf is None:
+                        if out:
+                            flush_out()
+                        buf = arena.take(length) or arena.take_big(length)
+                out += execute(req, buf)
+                if buf is not None and buf.obj is arena.big.obj:
+                    flush_out()  # the big buffer is reused by the next large read:
+                    sent()  # it must be out first
+        except ProtocolError:
+            # Answer the requests that already ran before giving up on the stream.
+            if running is not None:
+                collect()
+            if out:
+                flush_out()
+            sent()
+            raise
 
     # --- concurrent mode: handlers on workers, replies as they complete ---------
     def _run_concurrent(self) -> str:
@@ -488,17 +497,30 @@ class ServeLoop:
             self._inflight_bytes -= self._inflight.pop(future)
             self._inflight_writes.discard(future)
             self._room.notify_all()
-        exc = future.exception()
-        if exc is not None:
-            log.error("%s: request failed outside its handler", self.label, exc_info=exc)
+        exc = None if future.cancelled() else future.exception()
+        if exc is not None and not isinstance(exc, Exception):
+            log.error("%s: request ended by %s", self.label, type(exc).__name__)
 
     def _execute_in_worker(self, req: Request, earlier: list[concurrent.futures.Future[Any]]) -> None:
-        if earlier:
-            concurrent.futures.wait(earlier)
-        buf = _worker_buffer(req.length) if req.command == _READ else None
-        self._send(self._execute_sync(req, buf))
+        try:
+            if earlier:
+                concurrent.futures.wait(earlier)
+            buf = _worker_buffer(req.length) if req.command == _READ else None
+            parts = self._execute_sync(req, buf)
+        except BaseException as exc:  # every request gets a reply, whatever happened
+            self._send(self._error_parts(req, failure_from(exc, f"command {req.command}")))
+            raise
+        self._send(parts)
 
     async def _execute_async(self, req: Request, earlier: list[concurrent.futures.Future[Any]]) -> None:
+        try:
+            parts = await self._run_async(req, earlier)
+        except BaseException as exc:  # cancelled, or failed outside a handler: still a reply
+            self._send(self._error_parts(req, failure_from(exc, f"command {req.command}")))
+            raise
+        self._send(parts)
+
+    async def _run_async(self, req: Request, earlier: list[concurrent.futures.Future[Any]]) -> list[Any]:
         import asyncio
 
         inv, device = self.invoker, self.device
@@ -507,13 +529,7 @@ class ServeLoop:
             await asyncio.gather(*(asyncio.wrap_future(f) for f in earlier), return_exceptions=True)
         if req.command == _READ:
             result = await inv.read_async(req.offset, memoryview(bytearray(req.length)))
-            parts = (
-                self._error_parts(req, result)
-                if isinstance(result, Failure)
-                else self._read_parts(req, result)
-            )
-            self._send(parts)
-            return
+            return self._error_parts(req, result) if isinstance(result, Failure) else self._read_parts(req, result)
         failure: Failure | None
         if req.command == _WRITE:
             assert req.payload is not None and device.write is not None
@@ -523,14 +539,16 @@ class ServeLoop:
             failure = await inv.call_async(f"trim({req.offset}, {req.length})", device.trim, req.offset, req.length)
         elif req.command == _WRITE_ZEROES:
             assert device.write is not None
-            failure = await inv.call_async(
-                f"write_zeroes({req.offset}, {req.length})", device.write, req.offset, memoryview(bytes(req.length))
-            )
+            failure, pos, end = None, req.offset, req.offset + req.length
+            while pos < end and failure is None:  # a bounded zero buffer at a time
+                n = min(ZERO_CHUNK, end - pos)
+                failure = await inv.call_async(f"write_zeroes({pos}, {n})", device.write, pos, ZEROES[:n])
+                pos += n
         else:
             failure = None
         if failure is None and device.flush is not None and (req.command == _FLUSH or fua):
             failure = await inv.call_async("flush()", device.flush)
-        self._send(self._ok_parts(req) if failure is None else self._error_parts(req, failure))
+        return self._ok_parts(req) if failure is None else self._error_parts(req, failure)
 
     def _send(self, parts: list[Any]) -> None:
         try:

@@ -74,7 +74,7 @@ class Served:
         self.sock.close()
         self.thread.join(timeout=10)
         self.ours.close()
-        self.loop.invoker.close()
+        self.loop.invoker.shutdown(unmount=False)
 
 
 @pytest.fixture
@@ -382,3 +382,78 @@ def test_recv_exactly_reports_short_stream() -> None:
     with pytest.raises(ConnectionError):
         recv_exactly(b, 4)
     b.close()
+
+
+# --- regressions from review --------------------------------------------------------------
+@blockfs.device(block_size=512, blocks=1 << 16, concurrency=4)
+class AsyncRecorder:
+    """Async handlers that count flushes and write sizes; reads can misbehave."""
+
+    def __init__(self) -> None:
+        self.flushes = 0
+        self.write_sizes: list[int] = []
+
+    @blockfs.on_read
+    async def read(self, offset: int, buf: memoryview) -> None:
+        import asyncio
+
+        if offset == 0:
+            raise asyncio.CancelledError()  # a BaseException, not an Exception
+
+    @blockfs.on_write
+    async def write(self, offset: int, data: memoryview) -> None:
+        self.write_sizes.append(len(data))
+
+    @blockfs.on_flush
+    async def flush(self) -> None:
+        self.flushes += 1
+
+
+def test_async_device_is_flushed_at_disconnect(serve: type[Served]) -> None:
+    dev = AsyncRecorder()
+    s = serve(dev, structured=False)
+    assert s.client.write(512, b"x" * 512).error == 0
+    s.client.disconnect()
+    assert s.end() == "disconnect"
+    assert dev.flushes == 1
+
+
+def test_cancelled_async_handler_still_gets_a_reply(serve: type[Served]) -> None:
+    s = serve(AsyncRecorder(), structured=True)
+    s.sock.settimeout(5)
+    assert s.client.read(0, 512).error == errno.EIO
+    assert s.client.read(512, 512).error == 0  # and the connection goes on
+
+
+def test_async_write_zeroes_goes_in_bounded_chunks(serve: type[Served]) -> None:
+    dev = AsyncRecorder()
+    s = serve(dev, structured=False)
+    assert s.client.request(Command.WRITE_ZEROES, 0, 8 << 20).error == 0
+    assert sum(dev.write_sizes) == 8 << 20 and max(dev.write_sizes) <= 1 << 20
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_non_contiguous_read_result_is_eio_not_a_crash(serve: type[Served], concurrency: int) -> None:
+    @blockfs.device(block_size=512, blocks=8, concurrency=concurrency)
+    class Strided:
+        @blockfs.on_read
+        def read(self, offset: int, buf: memoryview) -> memoryview:
+            return memoryview(bytearray(2 * len(buf)))[::2]
+
+    s = serve(Strided(), structured=False)
+    s.sock.settimeout(5)
+    assert s.client.read(0, 512).error == errno.EIO
+    assert s.client.read(512, 512).error == errno.EIO  # still serving
+
+
+def test_replies_before_a_protocol_error_are_sent(serve: type[Served]) -> None:
+    dev = Disk()
+    s = serve(dev, structured=False)
+    s.sock.sendall(
+        encode_request(Command.WRITE, 1, 0, 4, payload=b"abcd") + encode_request(Command.READ, 2, 0, 4) + bytes(28)
+    )
+    s.sock.settimeout(5)
+    s.client.read_lengths[2] = 4
+    got = {r.handle: r for r in (s.client.reply(), s.client.reply())}
+    assert got[1].error == 0 and got[2].data == b"abcd"
+    assert s.end() == "protocol error"

@@ -28,7 +28,7 @@ from .declare import BoundDevice
 log = logging.getLogger("blockfs.handlers")
 
 ZERO_CHUNK = 1024 * 1024
-_ZEROES = memoryview(bytes(ZERO_CHUNK))
+ZEROES = memoryview(bytes(ZERO_CHUNK))  # shared, read-only
 
 
 @attrs.frozen
@@ -107,7 +107,7 @@ class Invoker:
         end = offset + length
         while offset < end:
             n = min(ZERO_CHUNK, end - offset)
-            failure = self.write(offset, _ZEROES[:n], False)
+            failure = self.write(offset, ZEROES[:n], False)
             if failure is not None:
                 return failure
             offset += n
@@ -127,6 +127,8 @@ class Invoker:
         flush = self.device.flush
         if flush is None:
             return None
+        if self.is_async:  # on the device's own loop, and awaited
+            return asyncio.run_coroutine_threadsafe(self.call_async("flush()", flush), self._event_loop()).result()
         try:
             with self.lock:
                 flush()
@@ -191,8 +193,18 @@ class Invoker:
                     self._loop_thread, self._loop = thread, loop
         return self._loop
 
-    def close(self) -> None:
-        """Stop the pool and loop (after every connection has ended)."""
+    def shutdown(self, *, unmount: bool) -> None:
+        """After the last connection: call the unmount handler (once, if the
+        device was attached), then stop the pool and the event loop."""
+        if unmount and self.device.unmount is not None:
+            try:
+                if self.is_async or inspect.iscoroutinefunction(self.device.unmount):
+                    # On the device's own loop, where its resources live.
+                    asyncio.run_coroutine_threadsafe(self.device.unmount(), self._event_loop()).result()
+                else:
+                    self.device.unmount()
+            except Exception:
+                log.exception("unmount() raised")
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -201,18 +213,6 @@ class Invoker:
             self._loop_thread.join()
             self._loop.close()
             self._loop = None
-
-    def unmount(self) -> None:
-        """Call the unmount handler once; its failure is logged, not raised."""
-        unmount = self.device.unmount
-        if unmount is None:
-            return
-        try:
-            result = unmount()
-            if inspect.iscoroutine(result):
-                asyncio.run(result)
-        except Exception:
-            log.exception("unmount() raised")
 
 
 class _NoLock:
@@ -242,4 +242,6 @@ def checked_read_result(result: object, buf: memoryview) -> memoryview:
         raise HandlerResultError(
             f"read handler returned {view.nbytes} bytes; expected exactly {len(buf)}"
         )
+    if not view.c_contiguous:  # sendmsg cannot send it, and a copy would hide the cost
+        raise HandlerResultError("read handler returned a non-contiguous buffer; return bytes or fill buf")
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view

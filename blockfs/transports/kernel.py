@@ -140,10 +140,14 @@ def _ioctl(fd: int, request: int, arg: int, paths: _Paths, what: str) -> None:
         raise KernelDeviceError(exc.errno, f"{what} failed: {exc.strerror}", paths.dev) from None
 
 
-def _wait_until_live(paths: _Paths, done: threading.Event, timeout: float = 10.0) -> bool:
-    """The device is usable once the kernel has started it (pid file + size)."""
-    deadline = time.monotonic() + timeout
-    while not done.is_set() and time.monotonic() < deadline:
+def _wait_until_live(paths: _Paths, done: threading.Event, slow: float = 10.0) -> bool:
+    """The device is usable once the kernel has started it (pid file + size).
+    Waits until then or until serving ends; says so if it takes long."""
+    warn_at: float | None = time.monotonic() + slow
+    while not done.is_set():
+        if warn_at is not None and time.monotonic() > warn_at:
+            log.warning("%s: still not live after %.0f s (waiting for %s)", paths.dev, slow, paths.sysfs / "pid")
+            warn_at = None
         try:
             if (paths.sysfs / "pid").exists() and int((paths.sysfs / "size").read_text()) > 0:
                 return True
@@ -244,7 +248,6 @@ class _Attachment:
         try:
             self.configure()
             do_it.start()
-            self.started = True
             for i, sock in enumerate(self.ours):
                 t = threading.Thread(
                     target=self._serve, args=(sock, i), name=f"blockfs-{self.paths.name}-q{i}", daemon=True
@@ -252,6 +255,7 @@ class _Attachment:
                 t.start()
                 loops.append(t)
             if _wait_until_live(self.paths, self.done):
+                self.started = True
                 log.info("%s is live: %d bytes, flags 0x%x", self.paths.dev, self.bound.size, self.bound.transmission_flags)
                 if self.on_mount is not None:
                     threading.Thread(target=self._call_on_mount, name="blockfs-on-mount", daemon=True).start()
@@ -270,10 +274,12 @@ class _Attachment:
         try:
             fcntl.ioctl(self.fd, NBD_DO_IT)
         except OSError as exc:
-            # EINTR/EPIPE/ECONNRESET here are the normal result of a disconnect.
-            if exc.errno not in (errno.EINTR, errno.EPIPE, errno.ECONNRESET, errno.ESHUTDOWN):
-                if not self.mount.unmount_requested.is_set():
-                    log.warning("%s: NBD_DO_IT ended: %s", self.paths.dev, exc)
+            # EINTR/EPIPE/ECONNRESET here are the normal result of a disconnect;
+            # anything else (the kernel refused to start the device) is run()'s error.
+            normal = exc.errno in (errno.EINTR, errno.EPIPE, errno.ECONNRESET, errno.ESHUTDOWN)
+            if not normal and not self.mount.unmount_requested.is_set():
+                log.error("%s: NBD_DO_IT failed: %s", self.paths.dev, exc)
+                self.errors.append(KernelDeviceError(exc.errno, f"NBD_DO_IT failed: {exc.strerror}", self.paths.dev))
         finally:
             self.done.set()
 
@@ -324,6 +330,7 @@ class _Attachment:
             except OSError as exc:
                 log.debug("%s: %s: %s", self.paths.dev, what, exc)
         self.mount._close()
-        self.invoker.close()
-        if self.started:
-            self.invoker.unmount()
+        stuck = [t.name for t in loops if t.is_alive()]
+        if stuck:  # a handler still running: unmount must not run beside it
+            log.error("%s: not calling unmount: %s still running", self.paths.dev, ", ".join(stuck))
+        self.invoker.shutdown(unmount=self.started and not stuck)

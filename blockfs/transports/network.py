@@ -225,9 +225,11 @@ class Server:
                 shutdown_socket(sock)
         for _, thread in clients:
             thread.join(timeout=10)
+        stuck = [t.name for _, t in clients if t.is_alive()]
+        if stuck:  # a handler still running: unmount must not run beside it
+            log.error("not calling unmount: %s still running after close()", ", ".join(stuck))
         for entry in self.exports.values():
-            entry.invoker.close()
-            entry.invoker.unmount()
+            entry.invoker.shutdown(unmount=not stuck)
         if self.address.unix is not None:
             try:
                 os.unlink(self.address.unix)
@@ -257,14 +259,13 @@ class Server:
                     sock.close()
                     continue
                 self.connections_served += 1
-                label = f"client {self.connections_served} ({peer or 'unix'})"
-                thread = threading.Thread(target=self._client, args=(sock, label), name=label, daemon=True)
-                self._clients[sock.fileno()] = (sock, thread)
+                key = self.connections_served  # not the fd: a closed fd number is reused at once
+                label = f"client {key} ({peer or 'unix'})"
+                thread = threading.Thread(target=self._client, args=(sock, label, key), name=label, daemon=True)
+                self._clients[key] = (sock, thread)
             thread.start()
 
-    def _client(self, sock: socket.socket, label: str) -> None:
-        key = sock.fileno()
-
+    def _client(self, sock: socket.socket, label: str, key: int) -> None:
         def track(wrapped: socket.socket) -> None:
             # After STARTTLS the TLS socket owns the descriptor: close() must reach it.
             with self._lock:
@@ -418,6 +419,5 @@ def serve_stdio(
         sock.close()
         server._closed = True
         for entry in server.exports.values():
-            entry.invoker.close()
-            entry.invoker.unmount()
+            entry.invoker.shutdown(unmount=True)
         restore()
