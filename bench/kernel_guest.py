@@ -27,14 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from blockfs.testing.guest import wait_down, wait_live
+from blockfs.testing.guest import terminate, wait_connectable, wait_down, wait_live
 
 BENCH = Path(__file__).resolve().parent
 TMP = Path(os.environ.get("TMPDIR", "/run/tmp"))
@@ -97,33 +95,6 @@ def run_fio(order: list[str], runtime: float, ramp: float, run: int) -> dict[str
     return results
 
 
-def wait_connectable(path: Path, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before listening on {path}")
-        with socket.socket(socket.AF_UNIX) as s:
-            try:
-                s.connect(str(path))
-                return
-            except OSError:
-                pass
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {path} after {timeout} s")
-
-
-def stop(proc: subprocess.Popen[bytes], what: str) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        raise RuntimeError(f"{what} ignored SIGTERM for 60 s") from None
-
-
 def one_run(args: argparse.Namespace, run: int) -> dict[str, dict[str, dict[str, float]]]:
     logf = open(TMP / f"run{run}.log", "wb")  # noqa: SIM115 - closed below
     env = {**os.environ, "BLOCKFS_BENCH_BLOCKS": str(args.size_mib * 256)}
@@ -151,8 +122,8 @@ def one_run(args: argparse.Namespace, run: int) -> dict[str, dict[str, dict[str,
             subprocess.run(["nbd-client", "-d", SIDES["nbdkit-memory"]], stdin=subprocess.DEVNULL, stdout=logf,
                            stderr=subprocess.STDOUT, check=False)
             wait_down(SIDES["nbdkit-memory"])
-        stop(blockfs, "blockfs run")
-        stop(nbdkit, "nbdkit")
+        terminate(blockfs)
+        terminate(nbdkit)
         wait_down(SIDES["blockfs"])
         logf.close()
         log(f"run {run + 1}: stopped (blockfs status {blockfs.returncode}, nbdkit status {nbdkit.returncode})")

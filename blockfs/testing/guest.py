@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -76,15 +77,45 @@ def start_server(argv: Sequence[str], dev: str, *, env: dict[str, str] | None = 
     return proc
 
 
-def stop_server(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 60.0) -> tuple[int, str]:
+def terminate(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+    """Send `sig` and wait; a process that ignores it for `timeout` s is
+    killed and that is a GuestFailure. Returns the exit status."""
+    if proc.poll() is not None:
+        return proc.returncode
     proc.send_signal(sig)
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
-        out, _ = proc.communicate()
-        raise GuestFailure(f"server did not stop within {timeout} s after {signal.Signals(sig).name}:\n{out.decode(errors='replace')}") from None
-    return proc.returncode, out.decode(errors="replace")
+        proc.wait()
+        raise GuestFailure(f"{proc.args!r} ignored {signal.Signals(sig).name} for {timeout} s") from None
+
+
+def stop_server(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 60.0) -> tuple[int, str]:
+    """terminate() a server started by start_server; its status and output."""
+    try:
+        status = terminate(proc, sig, timeout)
+    finally:
+        out = proc.stdout.read() if proc.stdout else b""
+        if proc.stdout:
+            proc.stdout.close()
+    return status, out.decode(errors="replace")
+
+
+def wait_connectable(path: str | Path, proc: subprocess.Popen[bytes] | None = None, timeout: float = 60.0) -> None:
+    """Until something accepts connections on the Unix socket `path`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise GuestFailure(f"{proc.args!r} exited with {proc.returncode} before listening on {path}")
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(str(path))
+                return
+            except OSError:
+                pass
+        time.sleep(0.02)
+    raise GuestFailure(f"nothing listening on {path} after {timeout} s")
 
 
 def tree_digest(root: str) -> dict[str, str]:

@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from pathlib import Path
 from common import DEV, EXAMPLES, MNT, TMP, check
 
 from blockfs.testing.guest import (
+    terminate,
     GuestFailure,
     drop_caches,
     is_live,
@@ -59,18 +59,15 @@ def server_log(proc: subprocess.Popen[bytes]) -> str:
 
 
 def stop_blockfs(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
-    proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        raise GuestFailure(f"blockfs serve ignored SIGTERM for 60 s:\n{server_log(proc)}") from None
+        status = terminate(proc)
+    except GuestFailure as exc:
+        raise GuestFailure(f"{exc}:\n{server_log(proc)}") from None
     assert proc.stdout is not None
     proc.stdout.close()
     text = server_log(proc)
     proc.log.close()  # type: ignore[attr-defined]
-    return proc.returncode, text
+    return status, text
 
 
 @contextlib.contextmanager
