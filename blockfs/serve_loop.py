@@ -21,6 +21,7 @@ Replies for requests parsed from one receive are gathered and sent with one
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import errno
 import mmap
@@ -29,7 +30,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from .dispatch.invoke import ZERO_CHUNK, ZEROES, Failure, Invoker, checked_read_result, failure_from
+from .dispatch.invoke import Failure, Invoker, checked_read_result, failure_from
 from .errors import ProtocolError
 from .protocol.constants import (
     MAX_PAYLOAD,
@@ -43,7 +44,6 @@ from .protocol.transmission import (
     NEED_DATA,
     Request,
     RequestReader,
-    done_chunk,
     error_chunk,
     read_chunk_header,
     pack_read_chunk,
@@ -247,31 +247,21 @@ class ServeLoop:
         return [simple_reply(req.handle), payload]
 
     def _ok_parts(self, req: Request) -> list[Any]:
-        if self.structured and req.command == _READ:
-            return [done_chunk(req.handle)]
-        return [simple_reply(req.handle)]
+        return [simple_reply(req.handle)]  # success without data: simple even when structured
+
+    def _reply(self, req: Request, result: memoryview | Failure | None) -> list[Any]:
+        if isinstance(result, Failure):
+            return self._error_parts(req, result)
+        if result is not None:
+            return self._read_parts(req, result)
+        return self._ok_parts(req)
 
     def _execute_sync(self, req: Request, buf: memoryview | None) -> list[Any]:
-        """Run a checked, non-read request (or a read into `buf`) and return the reply parts."""
-        inv = self.invoker
-        command = req.command
-        fua = bool(req.flags & _FUA)
-        if command == _READ:
-            assert buf is not None
-            result = inv.read(req.offset, buf)
-            if isinstance(result, Failure):
-                return self._error_parts(req, result)
-            return self._read_parts(req, result)
-        if command == _WRITE:
-            assert req.payload is not None
-            failure = inv.write(req.offset, req.payload, fua)
-        elif command == _FLUSH:
-            failure = inv.flush()
-        elif command == _TRIM:
-            failure = inv.trim(req.offset, req.length, fua)
-        else:  # _WRITE_ZEROES
-            failure = inv.write_zeroes(req.offset, req.length, fua)
-        return self._ok_parts(req) if failure is None else self._error_parts(req, failure)
+        """Run a checked request (a read into `buf`) and return the reply parts."""
+        result = self.invoker.execute(
+            req.command, req.offset, req.length, req.payload, buf, bool(req.flags & _FUA)
+        )
+        return self._reply(req, result)
 
     # --- inline mode: handlers run in this thread, replies batched --------------
     def _run_inline(self) -> str:
@@ -521,34 +511,12 @@ class ServeLoop:
         self._send(parts)
 
     async def _run_async(self, req: Request, earlier: list[concurrent.futures.Future[Any]]) -> list[Any]:
-        import asyncio
-
-        inv, device = self.invoker, self.device
-        fua = bool(req.flags & _FUA)
         if earlier:
             await asyncio.gather(*(asyncio.wrap_future(f) for f in earlier), return_exceptions=True)
-        if req.command == _READ:
-            result = await inv.read_async(req.offset, memoryview(bytearray(req.length)))
-            return self._error_parts(req, result) if isinstance(result, Failure) else self._read_parts(req, result)
-        failure: Failure | None
-        if req.command == _WRITE:
-            assert req.payload is not None and device.write is not None
-            failure = await inv.call_async(f"write({req.offset}, {req.length})", device.write, req.offset, req.payload)
-        elif req.command == _TRIM:
-            assert device.trim is not None
-            failure = await inv.call_async(f"trim({req.offset}, {req.length})", device.trim, req.offset, req.length)
-        elif req.command == _WRITE_ZEROES:
-            assert device.write is not None
-            failure, pos, end = None, req.offset, req.offset + req.length
-            while pos < end and failure is None:  # a bounded zero buffer at a time
-                n = min(ZERO_CHUNK, end - pos)
-                failure = await inv.call_async(f"write_zeroes({pos}, {n})", device.write, pos, ZEROES[:n])
-                pos += n
-        else:
-            failure = None
-        if failure is None and device.flush is not None and (req.command == _FLUSH or fua):
-            failure = await inv.call_async("flush()", device.flush)
-        return self._ok_parts(req) if failure is None else self._error_parts(req, failure)
+        result = await self.invoker.execute_async(
+            req.command, req.offset, req.length, req.payload, bool(req.flags & _FUA)
+        )
+        return self._reply(req, result)
 
     def _send(self, parts: list[Any]) -> None:
         try:

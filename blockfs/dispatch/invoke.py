@@ -22,7 +22,7 @@ from typing import Any
 import attrs
 
 from ..errors import HandlerResultError
-from ..protocol.constants import wire_errno
+from ..protocol.constants import Command, wire_errno
 from .declare import BoundDevice
 
 log = logging.getLogger("blockfs.handlers")
@@ -92,15 +92,19 @@ class Invoker:
         except Exception as exc:
             return failure_from(exc, f"read({offset}, {len(buf)})")
 
-    def write(self, offset: int, data: memoryview, fua: bool) -> Failure | None:
-        write = self.device.write
-        assert write is not None
+    def call(self, what: str, func: Callable[..., Any], *args: Any) -> Failure | None:
+        """Run one sync handler under the device lock; its failure, if any."""
         try:
             with self.lock:
-                write(offset, data)
+                func(*args)
         except Exception as exc:
-            return failure_from(exc, f"write({offset}, {len(data)})")
-        return self.flush() if fua else None
+            return failure_from(exc, what)
+        return None
+
+    def write(self, offset: int, data: memoryview, fua: bool) -> Failure | None:
+        assert self.device.write is not None
+        failure = self.call(f"write({offset}, {len(data)})", self.device.write, offset, data)
+        return self.flush() if fua and failure is None else failure
 
     def write_zeroes(self, offset: int, length: int, fua: bool) -> Failure | None:
         # Emulated with the write handler, a bounded zero buffer at a time.
@@ -114,14 +118,9 @@ class Invoker:
         return self.flush() if fua else None
 
     def trim(self, offset: int, length: int, fua: bool) -> Failure | None:
-        trim = self.device.trim
-        assert trim is not None
-        try:
-            with self.lock:
-                trim(offset, length)
-        except Exception as exc:
-            return failure_from(exc, f"trim({offset}, {length})")
-        return self.flush() if fua else None
+        assert self.device.trim is not None
+        failure = self.call(f"trim({offset}, {length})", self.device.trim, offset, length)
+        return self.flush() if fua and failure is None else failure
 
     def flush(self) -> Failure | None:
         flush = self.device.flush
@@ -129,14 +128,50 @@ class Invoker:
             return None
         if self.is_async:  # on the device's own loop, and awaited
             return asyncio.run_coroutine_threadsafe(self.call_async("flush()", flush), self._event_loop()).result()
-        try:
-            with self.lock:
-                flush()
-        except Exception as exc:
-            return failure_from(exc, "flush()")
-        return None
+        return self.call("flush()", flush)
+
+    def execute(
+        self, command: int, offset: int, length: int, payload: memoryview | None, buf: memoryview | None, fua: bool
+    ) -> memoryview | Failure | None:
+        """Run one checked request: a read's payload, a failure, or None (done)."""
+        if command == Command.READ:
+            assert buf is not None
+            return self.read(offset, buf)
+        if command == Command.WRITE:
+            assert payload is not None
+            return self.write(offset, payload, fua)
+        if command == Command.FLUSH:
+            return self.flush()
+        if command == Command.TRIM:
+            return self.trim(offset, length, fua)
+        return self.write_zeroes(offset, length, fua)
 
     # --- the same, for async handlers ------------------------------------------
+    async def execute_async(
+        self, command: int, offset: int, length: int, payload: memoryview | None, fua: bool
+    ) -> memoryview | Failure | None:
+        """execute() for a device whose handlers are coroutines."""
+        device = self.device
+        if command == Command.READ:
+            return await self.read_async(offset, memoryview(bytearray(length)))
+        failure: Failure | None = None
+        if command == Command.WRITE:
+            assert payload is not None and device.write is not None
+            failure = await self.call_async(f"write({offset}, {length})", device.write, offset, payload)
+        elif command == Command.TRIM:
+            assert device.trim is not None
+            failure = await self.call_async(f"trim({offset}, {length})", device.trim, offset, length)
+        elif command == Command.WRITE_ZEROES:
+            assert device.write is not None
+            end = offset + length
+            while offset < end and failure is None:  # a bounded zero buffer at a time
+                n = min(ZERO_CHUNK, end - offset)
+                failure = await self.call_async(f"write_zeroes({offset}, {n})", device.write, offset, ZEROES[:n])
+                offset += n
+        if failure is None and device.flush is not None and (command == Command.FLUSH or fua):
+            failure = await self.call_async("flush()", device.flush)
+        return failure
+
     async def read_async(self, offset: int, buf: memoryview) -> memoryview | Failure:
         try:
             result = await self.device.read(offset, buf)
