@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator
 
 import blockfs
 
@@ -32,6 +33,17 @@ log = logging.getLogger("xor_mirror")
 
 def xor(a: bytes, b: bytes) -> bytes:
     return (int.from_bytes(a, "little") ^ int.from_bytes(b, "little")).to_bytes(len(a), "little")
+
+
+def pieces(offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
+    """Split a byte range into (block, offset in block, count, position in
+    range): requests need not be block aligned, blocks are the unit here."""
+    pos = 0
+    while pos < length:
+        block, skip = divmod(offset + pos, BS)
+        n = min(BS - skip, length - pos)
+        yield block, skip, n, pos
+        pos += n
 
 
 class Member:
@@ -87,19 +99,12 @@ class XorMirror:
 
     @blockfs.on_read
     def read(self, offset: int, buf: memoryview) -> None:
-        pos = 0
-        while pos < len(buf):
-            block, skip = divmod(offset + pos, BS)
-            n = min(BS - skip, len(buf) - pos)
+        for block, skip, n, pos in pieces(offset, len(buf)):
             buf[pos : pos + n] = self._data_block(block)[skip : skip + n]
-            pos += n
 
     @blockfs.on_write
     def write(self, offset: int, data: memoryview) -> None:
-        pos = 0
-        while pos < len(data):
-            block, skip = divmod(offset + pos, BS)
-            n = min(BS - skip, len(data) - pos)
+        for block, skip, n, pos in pieces(offset, len(data)):
             stripe, disk = divmod(block, 2)
             # Both halves of the stripe as they will be, then parity from them.
             halves = [self._data_block(2 * stripe), self._data_block(2 * stripe + 1)]
@@ -112,7 +117,6 @@ class XorMirror:
                 self.members[2].write_block(stripe, xor(halves[0], halves[1]))
             if sum(not m.alive() for m in self.members) > 1:
                 raise OSError(5, "two of three backing files are lost")
-            pos += n
 
     @blockfs.on_flush
     def flush(self) -> None:

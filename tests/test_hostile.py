@@ -42,7 +42,7 @@ from blockfs.protocol.constants import (
 from blockfs.protocol.handshake import NEED_DATA, Negotiated, ServerHandshake, StartTLS
 from blockfs.protocol.transmission import Request, RequestReader, encode_request
 from blockfs.testing.client import RawClient, recv_exactly
-from blockfs.testing.devices import MemoryDisk, RecordingDisk
+from blockfs.testing.devices import FaultyDisk, MemoryDisk
 from blockfs.testing.hostile import (
     DEFAULT_FLAGS,
     ExportInfo,
@@ -64,21 +64,8 @@ RSS_BOUND = 50 * MiB
 FOUR_GIB = 0xFFFFFFFF
 
 
-@blockfs.device(block_size=BS, blocks=BLOCKS)
-class Disk(RecordingDisk):
-    """Block BAD_BLOCK fails with EIO, BUGGY_BLOCK with a handler bug."""
-
-    def __init__(self) -> None:
-        super().__init__(SIZE, BS)
-
-    @blockfs.on_read
-    def read(self, offset: int, buf: memoryview) -> None:
-        blocks = range(offset // BS, (offset + len(buf) - 1) // BS + 1)
-        if BAD_BLOCK in blocks:
-            raise OSError(errno.EIO, "bad block")
-        if BUGGY_BLOCK in blocks:
-            raise ValueError("a bug in the handler")
-        super().read(offset, buf)
+def Disk() -> FaultyDisk:
+    return FaultyDisk(SIZE, BS, bad={BAD_BLOCK}, buggy={BUGGY_BLOCK})
 
 
 # --- measuring ------------------------------------------------------------------

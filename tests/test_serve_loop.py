@@ -18,7 +18,7 @@ from blockfs.protocol.constants import MAX_PAYLOAD, Command, CommandFlag
 from blockfs.protocol.transmission import encode_request
 from blockfs.serve_loop import ServeLoop
 from blockfs.testing.client import RawClient, recv_exactly
-from blockfs.testing.devices import MemoryDisk, RecordingDisk
+from blockfs.testing.devices import FaultyDisk, MemoryDisk
 from blockfs.transports.connection import SocketConnection
 
 BS = 4096
@@ -28,17 +28,11 @@ BAD_BLOCK = 5
 
 
 @blockfs.device(block_size=BS, blocks=BLOCKS)
-class Disk(RecordingDisk):
+class Disk(FaultyDisk):
     """Records what reached it; block BAD_BLOCK cannot be read."""
 
     def __init__(self) -> None:
-        super().__init__(SIZE, BS)
-
-    @blockfs.on_read
-    def read(self, offset: int, buf: memoryview) -> None:
-        if offset // BS == BAD_BLOCK:
-            raise OSError(errno.EIO, "bad block")
-        super().read(offset, buf)
+        super().__init__(SIZE, BS, bad={BAD_BLOCK})
 
     @blockfs.on_write
     def write(self, offset: int, data: memoryview) -> None:

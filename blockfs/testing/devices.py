@@ -4,6 +4,9 @@ subclass) to inject failures or delays."""
 
 from __future__ import annotations
 
+import errno
+from collections.abc import Iterable
+
 import blockfs
 
 
@@ -55,3 +58,23 @@ class RecordingDisk(MemoryDisk):
     @blockfs.on_unmount
     def unmount(self) -> None:
         self.unmounted += 1
+
+
+@blockfs.device(block_size=None)
+class FaultyDisk(RecordingDisk):
+    """A RecordingDisk whose reads fail on some blocks: those in `bad` with
+    OSError(EIO), a media error; those in `buggy` with ValueError, a bug in
+    the handler (which blockfs must log and answer with EIO)."""
+
+    def __init__(self, size: int, block_size: int = 4096, *, bad: Iterable[int] = (), buggy: Iterable[int] = ()) -> None:
+        super().__init__(size, block_size)
+        self.bad, self.buggy = frozenset(bad), frozenset(buggy)
+
+    @blockfs.on_read
+    def read(self, offset: int, buf: memoryview) -> None:
+        first, last = offset // self.block_size, (offset + len(buf) - 1) // self.block_size
+        if any(first <= b <= last for b in self.bad):
+            raise OSError(errno.EIO, "bad block")
+        if any(first <= b <= last for b in self.buggy):
+            raise ValueError("a bug in the handler")
+        super().read(offset, buf)
