@@ -68,7 +68,8 @@ def test_run_checks_connections_before_touching_the_device(tmp_path: Path) -> No
     dev.unmount()
 
 
-def test_serve_prints_the_uri_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_serve_prints_the_uri_serves_and_stops_on_a_signal(tmp_path: Path, sig: int) -> None:
     sock_path = tmp_path / "cli.sock"
     proc = subprocess.Popen(
         [sys.executable, "-m", "blockfs", "serve", RAMDISK, "--socket", str(sock_path), "--export-name", "ram"],
@@ -83,7 +84,7 @@ def test_serve_prints_the_uri_serves_and_stops_on_sigterm(tmp_path: Path) -> Non
             assert raw.write(4096, b"cli").error == 0
             assert raw.read(4096, 3).data == b"cli"
             raw.send(Command.DISC)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         assert proc.wait(timeout=20) == 0
         assert not sock_path.exists(), "the socket file is removed on exit"
     finally:

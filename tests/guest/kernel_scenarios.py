@@ -22,7 +22,7 @@ from pathlib import Path
 from common import DEV, EXAMPLES, MNT, TMP, check
 
 import blockfs
-from blockfs.testing.devices import MemoryDisk, RecordingDisk
+from blockfs.testing.devices import FaultyDisk, RecordingDisk
 from blockfs.testing.guest import (
     GuestFailure,
     drop_caches,
@@ -66,6 +66,11 @@ def scenario_ext4() -> None:
     image = TMP / "disk.img"
     proc = start_server([str(EXAMPLES / "sparse_file.py"), str(image), "96M", DEV], DEV)
     ext4_round_trip(DEV)
+    used = image.stat().st_blocks * 512
+    sh("blkdiscard", DEV)  # trim the whole device: the example punches holes
+    freed = used - image.stat().st_blocks * 512
+    check(used > 4 << 20 and image.stat().st_blocks * 512 < used // 10,
+          f"blkdiscard punched holes in the backing file ({used >> 20} MiB -> {(used - freed) >> 20} MiB allocated)")
     status, out = stop_server(proc)
     print(out)
     check(status == 0, f"server exited 0 after SIGTERM (got {status})")
@@ -146,18 +151,10 @@ def scenario_read_only() -> None:
 BAD = 100
 
 
-@blockfs.device(block_size=4096, blocks=1024)
-class BadBlockDisk(MemoryDisk):
-    def __init__(self) -> None:
-        super().__init__(4096 * 1024)
-        self.data[:] = random.Random(3).randbytes(len(self.data))
-
-    @blockfs.on_read
-    def read(self, offset: int, buf: memoryview) -> None:
-        first, last = offset // 4096, (offset + len(buf) - 1) // 4096
-        if first <= BAD <= last:
-            raise OSError(errno.EIO, "simulated media error")
-        super().read(offset, buf)
+def BadBlockDisk() -> FaultyDisk:
+    disk = FaultyDisk(4096 * 1024, bad={BAD})
+    disk.data[:] = random.Random(3).randbytes(len(disk.data))
+    return disk
 
 
 def scenario_bad_block() -> None:
@@ -387,9 +384,9 @@ def scenario_multi_queue() -> None:
     queues = sorted(p.name for p in Path("/sys/block/nbd0/mq").iterdir())
     print(f"hardware queues: {queues} on {os.cpu_count()} CPU(s)")
     fio_verify(DEV, jobs=4, depth=32, size="16M")
-    status, out = stop_server(proc)
+    status, out = stop_server(proc, sig=signal.SIGINT)  # Ctrl-C, as a user at a terminal
     print(out)
-    check(status == 0, "multi-queue server exited 0")
+    check(status == 0, "multi-queue server exited 0 after SIGINT")
     ended = [line for line in out.splitlines() if "serve loop ended (disconnect)" in line]
     check(len(ended) == 4, f"all 4 connections were attached and ended with a disconnect: {ended}")
     wait_down(DEV)
