@@ -367,10 +367,6 @@ class ServeLoop:
                     collect()  # handlers never overlap, and run in the order received
                 handle, command, flags, offset, length, payload, _ = req
                 if not flags and 0 < length and offset + length <= size:
-                    if command == _WRITE and write is not None and payload is not None and not fits_in_ring(length):
-                        runner.start(write_locked, offset, payload)
-                        running = req
-                        continue
                     if command == _READ and length <= arena_len:
                         used = arena.used
                         if used + length > arena_len:  # this arena is full of payloads waiting to go out
@@ -392,6 +388,10 @@ class ServeLoop:
                             out += (pack_simple(SIMPLE_REPLY_MAGIC, 0, handle), buf)
                         continue
                     if command == _WRITE and write is not None and payload is not None:
+                        if not fits_in_ring(length):  # large: its handler overlaps the next receive
+                            runner.start(write_locked, offset, payload)
+                            running = req
+                            continue
                         try:
                             with lock:
                                 write(offset, payload)
